@@ -1,0 +1,346 @@
+"""dqn.py against the paper's text (decoded with Meta's real Llama 3 tokenizer), hand-computed targets and losses."""
+import copy
+import random
+import warnings
+
+import pytest
+import torch
+
+import dqn
+import ia3
+import llama
+from dqn import Episode
+
+LEFT, DOWN, RIGHT, UP = 0, 1, 2, 3
+H = lambda role, text: f"<|start_header_id|>{role}<|end_header_id|>{text}<|eot_id|>"  # noqa: E731
+
+# The toy trajectory: a success (8 -> 9 -> 13 -> 14, goal) and an episode cut by the step limit (8 -> 8 -> 4)
+SUCCESS = Episode([8, 9, 13, 14], [RIGHT, DOWN, RIGHT], [0.0, 0.0, 1.0], False)
+TRUNCATED = Episode([8, 8, 4], [LEFT, UP], [0.0, 0.0], True)
+SUCCESS_TEXT = ("<|begin_of_text|>" + H("observation", 8) + H("action", "right") + H("observation", 9)
+                + H("action", "down") + H("observation", 13) + H("action", "right") + H("observation", 14)
+                + H("reward", "1.0") + "<|end_of_text|>")
+TRUNCATED_TEXT = ("<|begin_of_text|>" + H("observation", 8) + H("action", "left") + H("observation", 8)
+                  + H("action", "up") + H("observation", 4) + H("edit", "...") + "<|end_of_text|>")
+
+
+@pytest.fixture(scope="module")
+def llama3_tok(llama3_tokenizer_path):
+    return llama.Tokenizer(llama3_tokenizer_path)
+
+
+@pytest.fixture(scope="module")
+def llama3_fmt(llama3_tok):
+    return dqn.TrajectoryFormat.for_tokenizer(llama3_tok)
+
+
+def tiny_tokenizer(words=dqn.ACTION_WORDS):
+    """A byte-level tiktoken vocabulary with Llama 3 special-token names, like the cpu preset's: 256 bytes plus the
+    prefixes of `words` (so BPE can merge each word into one token)."""
+    ranks = {bytes([b]): b for b in range(256)}
+    for w in words:
+        for i in range(2, len(w) + 1):
+            ranks.setdefault(w[:i].encode(), len(ranks))
+    specials = list(dqn.LLAMA3_FORMAT_SPECIALS) + ["<|eom_id|>"]
+    return llama.Tokenizer.from_ranks(ranks, llama.LLAMA3_PATTERN, specials)
+
+
+def tiny_model(vocab_size, seed=0):
+    torch.manual_seed(seed)
+    args = llama.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, ffn_dim=64,
+                           rope_theta=10000.0, rope_scaling=None, max_seq_len=1024)
+    return llama.Transformer(args)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The text format
+
+
+def test_llama3_text_is_the_papers_format(llama3_tok, llama3_fmt):
+    assert llama3_fmt.action_ids == [llama3_tok.encode(w)[0] for w in ("left", "down", "right", "up")]
+    for word in dqn.ACTION_WORDS:  # each action word is one Llama 3 token
+        assert len(llama3_tok.encode(word)) == 1
+    for ep, text in ((SUCCESS, SUCCESS_TEXT), (TRUNCATED, TRUNCATED_TEXT)):
+        tokens, q_positions = dqn.tokenize_episode(ep, llama3_fmt)
+        assert llama3_tok.decode(tokens) == text
+        assert tokens == llama3_tok.encode(text, allowed_special="all")  # what the tokenizer itself makes of the text
+        assert len(q_positions) == len(ep.actions)
+        for p, a in zip(q_positions, ep.actions):  # Q position: the <|end_header_id|> after "action"; then the word
+            assert llama3_tok.decode(tokens[p - 2:p + 1]) == "<|start_header_id|>action<|end_header_id|>"
+            assert llama3_tok.decode([tokens[p + 1]]) == dqn.ACTION_WORDS[a]
+
+
+def test_format_pieces_compose_the_episode(llama3_fmt):
+    """Evaluation builds contexts piece by piece in the documented order; it must give tokenize_episode's ids."""
+    f, ep = llama3_fmt, SUCCESS
+    built = f.episode_start() + f.observation(ep.observations[0])
+    for a, s, r in zip(ep.actions, ep.observations[1:], ep.rewards):
+        built += f.action_prompt() + f.action_word(a) + f.observation(s) + (f.reward(r) if r != 0 else [])
+    built += f.episode_end(False)
+    assert built == dqn.tokenize_episode(ep, f)[0]
+
+
+def test_reward_text_rounded_to_two_decimals(llama3_tok, llama3_fmt):
+    assert llama3_tok.decode(llama3_fmt.reward(1)) == H("reward", "1.0")
+    assert llama3_tok.decode(llama3_fmt.reward(0.12345)) == H("reward", "0.12")
+
+
+def test_chatml_mapping_for_smollm2(smollm2_dir):
+    tok = llama.Tokenizer(smollm2_dir)
+    fmt = dqn.TrajectoryFormat.for_tokenizer(tok)
+    tokens, q_positions = dqn.tokenize_episode(TRUNCATED, fmt)
+    assert tok.decode(tokens) == ("<|im_start|>observation\n8<|im_end|><|im_start|>action\nleft<|im_end|>"
+                                  "<|im_start|>observation\n8<|im_end|><|im_start|>action\nup<|im_end|>"
+                                  "<|im_start|>observation\n4<|im_end|><|im_start|>edit\n...<|im_end|><|endoftext|>")
+    assert [tok.decode([tokens[p]]) for p in q_positions] == ["\n", "\n"]  # last token before the action word
+    assert [tok.decode([tokens[p + 1]]) for p in q_positions] == ["left", "up"]
+    assert fmt.action_ids == [tok.encode(w)[0] for w in dqn.ACTION_WORDS]
+
+
+def test_tiny_byte_vocabulary_like_the_cpu_preset():
+    tok = tiny_tokenizer()
+    fmt = dqn.TrajectoryFormat.for_tokenizer(tok)
+    tokens, q_positions = dqn.tokenize_episode(SUCCESS, fmt)
+    assert tok.decode(tokens) == SUCCESS_TEXT
+    assert [tok.decode([tokens[p + 1]]) for p in q_positions] == ["right", "down", "right"]
+    for text in dqn.FORMAT_TEXTS:  # every text piece of the format is encodable and comes back unchanged
+        assert tok.decode(tok.encode(text)) == text
+    with pytest.raises(ValueError, match="not single tokens"):  # bytes only: "left" is 4 tokens
+        dqn.TrajectoryFormat.for_tokenizer(tiny_tokenizer(words=()))
+
+
+def test_leading_space_spelling_when_only_it_is_one_token():
+    tok = tiny_tokenizer(words=[" " + w for w in dqn.ACTION_WORDS])
+    fmt = dqn.TrajectoryFormat.for_tokenizer(tok)
+    assert fmt.word_prefix == " "
+    assert tok.decode(fmt.action_word(RIGHT)) == " right<|eot_id|>"
+
+
+def test_bad_input_errors(llama3_fmt):
+    with pytest.raises(ValueError, match="observations"):
+        dqn.tokenize_episode(Episode([8, 9], [RIGHT, DOWN], [0.0, 0.0]), llama3_fmt)
+    with pytest.raises(ValueError, match="truncated"):
+        dqn.tokenize_episode(Episode([8, 9], [RIGHT], [1.0], True), llama3_fmt)
+    with pytest.raises(ValueError, match="special tokens"):
+        dqn.TrajectoryFormat.for_tokenizer(llama.Tokenizer.from_ranks({bytes([b]): b for b in range(256)},
+                                                                       llama.LLAMA3_PATTERN, ["<|x|>"]))
+    with pytest.raises(TypeError, match="sets"):
+        dqn.pack_slices([SUCCESS, TRUNCATED], llama3_fmt, 4096, random.Random(0))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Packing
+
+
+def random_episode(rng, n_states=25):
+    n = rng.randint(1, 12)
+    obs = [rng.randrange(n_states) for _ in range(n + 1)]
+    truncated = rng.random() < 0.2
+    rewards = [0.0] * (n - 1) + [0.0 if truncated else float(rng.random() < 0.5)]
+    return Episode(obs, [rng.randrange(4) for _ in range(n)], rewards, truncated)
+
+
+def test_packing_keeps_whole_episodes_shuffled_within_sets(llama3_fmt):
+    rng = random.Random(1)
+    sets = [[random_episode(rng) for _ in range(rng.randint(20, 40))] for _ in range(6)]
+    context = 1024
+    slices = dqn.pack_slices(sets, llama3_fmt, context, random.Random(7))
+    bos = llama3_fmt.episode_start()[0]
+    texts = {}  # episode text -> episode, to recover which episode each piece of a slice is
+    for i, s in enumerate(sets):
+        for ep in s:
+            texts[tuple(dqn.tokenize_episode(ep, llama3_fmt)[0])] = (i, ep)
+    packed = []  # (set index, episode) in packing order
+    for k, s in enumerate(slices):
+        assert len(s.tokens) <= context and s.tokens[0] == bos
+        starts = [i for i, t in enumerate(s.tokens) if t == bos] + [len(s.tokens)]
+        episodes = [texts[tuple(s.tokens[a:b])] for a, b in zip(starts, starts[1:])]  # every piece is a whole episode
+        if k + 1 < len(slices):  # a slice ends only where the next episode would not fit
+            first_episode = slices[k + 1].tokens.index(llama3_fmt.eos[0]) + 1
+            assert len(s.tokens) + first_episode > context
+        j = 0  # per action: position, word, reward, last flag, and the next action of the same episode
+        for e, (set_index, ep) in enumerate(episodes):
+            lo, hi = starts[e], starts[e + 1]
+            for t, a in enumerate(ep.actions):
+                p = s.q_positions[j + t]
+                assert lo < p < hi and s.tokens[p + 1] == llama3_fmt.action_ids[a] and s.actions[j + t] == a
+                assert s.is_last[j + t] == (t == len(ep.actions) - 1)
+                if s.is_last[j + t]:
+                    assert s.next_index[j + t] == -1
+                    assert s.rewards[j + t] == (0.0 if ep.truncated else sum(ep.rewards))
+                else:
+                    nxt = s.next_index[j + t]
+                    assert nxt == j + t + 1 and lo < s.q_positions[nxt] < hi and s.actions[nxt] == ep.actions[t + 1]
+                    assert s.rewards[j + t] == 0.0
+            j += len(ep.actions)
+        assert j == len(s.actions) == len(s.q_positions) == len(s.rewards) == len(s.is_last) == len(s.next_index)
+        packed += episodes
+    # every episode exactly once, sets contiguous and in the caller's order, shuffled inside each set
+    assert [i for i, _ in packed] == sorted(i for i, _ in packed)
+    assert sum(map(len, sets)) == len(packed)
+    for i, s in enumerate(sets):
+        order = [ep for j, ep in packed if j == i]
+        assert sorted(map(id, order)) == sorted(map(id, s)) and [id(e) for e in order] != [id(e) for e in s]
+    again = dqn.pack_slices(sets, llama3_fmt, context, random.Random(7))
+    assert [s.tokens for s in again] == [s.tokens for s in slices]  # the rng alone decides the shuffle
+
+
+def test_episode_longer_than_context_is_dropped_with_a_warning(llama3_fmt):
+    long = Episode([0] * 101, [UP] * 100, [0.0] * 100, True)
+    with pytest.warns(UserWarning, match="dropped 1 episodes \\(100 actions\\)"):
+        slices = dqn.pack_slices([[SUCCESS, long, TRUNCATED]], llama3_fmt, 200, random.Random(0))
+    assert sum(len(s.actions) for s in slices) == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing dropped, nothing said
+        dqn.pack_slices([[SUCCESS, TRUNCATED]], llama3_fmt, 200, random.Random(0))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Targets and loss, by hand
+
+
+def toy_batch(fmt):
+    """Row 0: SUCCESS then TRUNCATED (5 actions; the last one is the last of the slice). Row 1: TRUNCATED alone."""
+    slices = dqn.pack_slices([[SUCCESS], [TRUNCATED]], fmt, 4096, random.Random(0))
+    assert len(slices) == 1
+    row1 = dqn.pack_slices([[TRUNCATED]], fmt, 4096, random.Random(0))[0]
+    return dqn.collate([slices[0], row1], pad_id=fmt.eos[0]), slices[0], row1
+
+
+def test_collate_pads(llama3_fmt):
+    batch, s0, s1 = toy_batch(llama3_fmt)
+    assert batch["tokens"].shape == (2, len(s0.tokens)) and batch["q_positions"].shape == (2, 5)
+    assert batch["tokens"][1, len(s1.tokens):].eq(llama3_fmt.eos[0]).all()
+    assert batch["mask"].tolist() == [[True] * 5, [True, True, False, False, False]]
+    assert batch["next_index"].tolist() == [[1, 2, -1, 4, -1], [1, -1, -1, -1, -1]]
+    assert batch["is_last"].tolist() == [[False, False, True, False, True], [False, True, True, True, True]]
+    assert batch["rewards"].tolist() == [[0, 0, 1, 0, 0], [0, 0, 0, 0, 0]]
+    assert batch["actions"].tolist() == [[RIGHT, DOWN, RIGHT, LEFT, UP], [LEFT, UP, 0, 0, 0]]
+
+
+def test_bellman_targets_by_hand(llama3_fmt):
+    batch, _, _ = toy_batch(llama3_fmt)
+    # Q values per action slot (left, down, right, up); online and target argmax differ at row 0's slots 1 and 2
+    q_online = torch.tensor([[[0., 1., 2., 3.], [5., 0., 0., 4.], [1., 9., 0., 0.], [2., 2., 2., 2.],
+                              [0., 0., 0., 7.]],
+                             [[1., 1., 1., 1.], [0., 0., 6., 0.], [9., 9., 9., 9.], [9., 9., 9., 9.],
+                              [9., 9., 9., 9.]]])
+    q_target = torch.tensor([[[4., 4., 4., 4.], [10., 20., 30., 40.], [100., 7., 0., 0.], [1., 1., 1., 1.],
+                              [5., 6., 8., 11.]],
+                             [[0., 0., 0., 0.], [3., 3., 13., 3.], [0., 0., 0., 0.], [0., 0., 0., 0.],
+                              [0., 0., 0., 0.]]])
+    q_online.requires_grad_(True)
+    y = dqn.bellman_targets(q_online, q_target, batch, gamma=0.9, reward_scale=30.0)
+    expected = torch.tensor([
+        [0.9 * 10.0,   # SUCCESS a_0: next slot 1, online argmax left (5), target values it 10 (not its own max 40)
+         0.9 * 7.0,    # SUCCESS a_1: next slot 2, online argmax down (9), target 7 (its own max would be 100)
+         30.0 * 1.0,   # SUCCESS a_2: terminal success, scaled reward, no bootstrap
+         0.9 * 11.0,   # TRUNCATED a_0: next slot 4, online argmax up (7), target 11
+         0.0],         # TRUNCATED a_1: last action of the slice, truncated -> terminal, reward 0
+        [0.9 * 13.0, 0.0, 0.0, 0.0, 0.0]])  # row 1: bootstrap through slot 1 (online right -> 13), then padding
+    torch.testing.assert_close(y, expected)
+    assert not y.requires_grad
+    y2 = dqn.bellman_targets(q_online, q_target, batch, gamma=0.5, reward_scale=2.0)
+    torch.testing.assert_close(y2[0], torch.tensor([5.0, 3.5, 2.0, 5.5, 0.0]))
+
+
+def test_td_loss_by_hand(llama3_fmt):
+    batch, _, _ = toy_batch(llama3_fmt)
+    q = torch.zeros(2, 5, 4)
+    # Q of the taken action per slot (row 0 actions right, down, right, left, up; row 1 left, up, then padding)
+    q[0, 0, RIGHT], q[0, 1, DOWN], q[0, 2, RIGHT], q[0, 3, LEFT], q[0, 4, UP] = 1., 2., 3., 4., 5.
+    q[1, 0, LEFT], q[1, 1, UP] = 6., 7.
+    q[1, 2:] = 100.  # padding: must not count
+    y = torch.tensor([[2., 2., 1., 0., 5.], [4., 11., 50., 50., 50.]])
+    errors = [[-1., 0., 2., 4., 0.], [2., -4.]]
+    plain = sum(e * e for row in errors for e in row) / 7
+    torch.testing.assert_close(dqn.td_loss(q, y, batch), torch.tensor(plain))
+    # authors' option: each row's errors divided by its mean |y| over real slots (row 0: 10/5 = 2, row 1: 15/2 = 7.5)
+    norm = (sum((e / 2.0) ** 2 for e in errors[0]) + sum((e / 7.5) ** 2 for e in errors[1])) / 7
+    torch.testing.assert_close(dqn.td_loss(q, y, batch, normalize_by_mean_target=True), torch.tensor(norm))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Q-values on a model, Polyak, gradients
+
+
+def test_q_values_read_the_action_logits_at_the_q_positions():
+    tok = tiny_tokenizer()
+    fmt = dqn.TrajectoryFormat.for_tokenizer(tok)
+    model = tiny_model(tok.n_words)
+    batch, _, _ = toy_batch(fmt)
+    with torch.no_grad():
+        q = dqn.q_values(model, batch["tokens"], batch["q_positions"], fmt.action_ids)
+        full = model(batch["tokens"])  # (B, T, V), the reference: every position, every word
+    assert q.shape == (2, 5, 4) and q.dtype == torch.float32
+    reference = torch.stack([full[b, batch["q_positions"][b]][:, fmt.action_ids] for b in range(2)])
+    torch.testing.assert_close(q, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_polyak_by_hand():
+    theta = [torch.tensor([1.0, 2.0]), torch.tensor([[10.0]])]
+    for alpha, expected in ((1.0, [[1.0, 2.0], [[10.0]]]), (0.0, [[3.0, -5.0], [[0.5]]]),
+                            (0.1, [[0.1 * 1 + 0.9 * 3, 0.1 * 2 + 0.9 * -5], [[0.1 * 10 + 0.9 * 0.5]]])):
+        phi = [torch.tensor([3.0, -5.0]), torch.tensor([[0.5]])]
+        dqn.polyak_update(phi, theta, alpha=alpha)
+        for p, e in zip(phi, expected):
+            torch.testing.assert_close(p, torch.tensor(e))
+    assert theta[0].tolist() == [1.0, 2.0]  # the online side is untouched
+    online, target = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    dqn.polyak_update(target, online, alpha=1.0)  # modules work too
+    assert torch.equal(target.weight, online.weight) and torch.equal(target.bias, online.bias)
+    with pytest.raises(ValueError, match="not copies"):
+        dqn.polyak_update([torch.zeros(2)], [torch.zeros(3)])
+
+
+def td_step_loss(model, target_model, online_adapter, target_adapter, batch, fmt, normalize=False):
+    q_online = dqn.q_values(model, batch["tokens"], batch["q_positions"], fmt.action_ids, online_adapter)
+    q_target = dqn.q_values(target_model, batch["tokens"], batch["q_positions"], fmt.action_ids, target_adapter)
+    y = dqn.bellman_targets(q_online, q_target, batch)
+    return dqn.td_loss(q_online, y, batch, normalize_by_mean_target=normalize), y
+
+
+def test_no_gradient_reaches_the_target():
+    tok = tiny_tokenizer()
+    fmt = dqn.TrajectoryFormat.for_tokenizer(tok)
+    batch, _, _ = toy_batch(fmt)
+    # IA3: the frozen base is shared, the target adapter is a copy
+    base = tiny_model(tok.n_words).requires_grad_(False)
+    online = ia3.IA3(base)
+    with torch.no_grad():
+        for p in online.parameters():
+            p.uniform_(0.5, 1.5)
+    target = online.copy()
+    loss, y = td_step_loss(base, base, online, target, batch, fmt)
+    assert not y.requires_grad
+    loss.backward()
+    assert all(p.grad is None for p in target.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in online.parameters())
+    # from scratch: every weight trained, the target network a deep copy (forward run with gradients enabled)
+    model = tiny_model(tok.n_words)
+    target_model = copy.deepcopy(model)
+    loss, _ = td_step_loss(model, target_model, None, None, batch, fmt)
+    loss.backward()
+    assert all(p.grad is None for p in target_model.parameters())
+    assert all(p.grad is not None for p in model.layers[0].parameters())
+
+
+def test_one_optimizer_step_lowers_the_td_loss():
+    tok = tiny_tokenizer()
+    fmt = dqn.TrajectoryFormat.for_tokenizer(tok)
+    rng = random.Random(0)
+    slices = dqn.pack_slices([[random_episode(rng) for _ in range(20)]], fmt, 512, rng)
+    batch = dqn.collate(slices, pad_id=fmt.eos[0])
+    model = tiny_model(tok.n_words, seed=1)
+    target_model = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    for normalize in (False, True):
+        loss, y = td_step_loss(model, target_model, None, None, batch, fmt, normalize)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        dqn.polyak_update(target_model.parameters(), model.parameters(), alpha=0.1)
+        with torch.no_grad():
+            after = dqn.td_loss(dqn.q_values(model, batch["tokens"], batch["q_positions"], fmt.action_ids), y, batch,
+                                normalize_by_mean_target=normalize)
+        assert after < loss.detach(), (normalize, float(loss), float(after))

@@ -1,0 +1,256 @@
+"""train.py: data generation and its cache, the loop's checkpoints, exact resume, Ctrl-C, NaN stop, 2-process gloo
+data parallelism, bad input, load_policy. Every run uses a tiny model and context so the file stays ~2 minutes."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dqn
+import frozenlake
+import llama
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(tmp_path, **kw):
+    """A run that takes a few seconds: 2-layer d32 model, 160-token slices, 4 maps."""
+    base = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=256, context_len=160,
+                n_maps=4, qlearn_runs=1, qlearn_episodes=24, sets_per_map=2, heldout_sets_per_map=1, set_min=4,
+                set_max=8, steps=4, slices_per_step=2, micro_batch=1, eval_every=2, eval_slices=2, save_every=2,
+                keep_checkpoints=10, progress=False, data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"))
+    return train.make_config("cpu", **{**base, **kw})
+
+
+def weights(ckpt: Path, name="model") -> dict:
+    return load_file(ckpt / name / "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------------- data
+
+def test_q_learning_episodes_replay_in_the_env_and_improve():
+    maps = frozenlake.train_maps()[:20]
+    early = late = 0
+    for m, desc in enumerate(maps):
+        eps = train.q_learning_episodes(desc, 60, 0.5, 0.95, random.Random(m))
+        for ep in eps:  # each recorded episode is a real trajectory of the lake (independent replay)
+            dqn.check_episode(ep)
+            env = frozenlake.FrozenLake(desc)
+            env.s, env.steps = ep.observations[0], 0
+            for t, a in enumerate(ep.actions):
+                s, r, terminated, truncated, _ = env.step(a)
+                assert (s, r) == (ep.observations[t + 1], ep.rewards[t])
+            assert terminated or truncated
+            assert ep.truncated == (truncated and not terminated)
+        early += sum(sum(e.rewards) > 0 for e in eps[:10])
+        late += sum(sum(e.rewards) > 0 for e in eps[-10:])
+    assert late > 2 * early  # early failures -> later successes, the learning history the paper trains on
+
+
+def test_sample_set_weights_counts():
+    # 5x weight on the first half: single draws pick it 5/6 of the time (binomial sd ≈ 0.006 at 4000 draws)
+    rng, weights = random.Random(0), [5.0] * 10 + [1.0] * 10
+    picks = [train.sample_set(weights, 1, rng)[0] < 10 for _ in range(4000)]
+    assert abs(sum(picks) / 4000 - 5 / 6) < 0.03
+    chosen = train.sample_set(weights, 15, rng)
+    assert len(set(chosen)) == 15  # without replacement
+
+
+def test_data_deterministic_cached_and_quality(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path)
+    sets = train.load_episode_sets(cfg, "train")
+    assert len(sets) == cfg.n_maps * cfg.sets_per_map and all(cfg.set_min <= len(s) <= cfg.set_max for s in sets)
+    (where,) = (tmp_path / "data").glob("train-*")
+    manifest = json.loads((where / "manifest.json").read_text())
+    assert manifest["config"]["quality"] == "mid" and where.name.endswith(manifest["hash"][:12])
+    # the same config elsewhere generates the same data (seeded), and a second call reads the cache
+    other = train.load_episode_sets(tiny(tmp_path, data_dir=str(tmp_path / "d2")), "train")
+    assert other == sets
+    monkeypatch.setattr(train, "generate_data", lambda dc: pytest.fail("regenerated a cached data set"))
+    assert train.load_episode_sets(cfg, "train") == sets
+    monkeypatch.undo()
+    # a corrupted data file does not match its manifest's checksum: regenerated, same content
+    (where / "episodes.json").write_text((where / "episodes.json").read_text().replace("[", "[ ", 1))
+    assert train.load_episode_sets(cfg, "train") == sets
+    # quality: hi sets hold more successes than mid, low fewer (same Q-learning runs underneath)
+    frac = {}
+    for q in ("hi", "mid", "low"):
+        s = train.load_episode_sets(tiny(tmp_path, quality=q, n_maps=30, set_min=10, set_max=10), "train")
+        frac[q] = sum(sum(e.rewards) > 0 for st in s for e in st) / sum(map(len, s))
+    assert frac["hi"] > frac["mid"] + 0.05 and frac["low"] < frac["mid"] - 0.05, frac
+    assert len(list((tmp_path / "data").glob("train-*"))) == 4  # one dir per data config
+
+
+def test_small_tokenizer_writes_the_paper_text():
+    tok = train.small_tokenizer()
+    fmt = dqn.TrajectoryFormat.for_tokenizer(tok)
+    assert fmt.style == "llama3" and len(set(fmt.action_ids)) == 4
+    tokens, qp = dqn.tokenize_episode(dqn.Episode([8, 9, 13], [2, 1], [0.0, 1.0]), fmt)
+    H = "<|start_header_id|>{}<|end_header_id|>{}<|eot_id|>"
+    assert tok.decode(tokens) == ("<|begin_of_text|>" + H.format("observation", 8) + H.format("action", "right")
+                                  + H.format("observation", 9) + H.format("action", "down")
+                                  + H.format("observation", 13) + H.format("reward", "1.0") + "<|end_of_text|>")
+    assert len(tokens) == 1 + 5 * 3 + 5 * 2 + 7 + 1  # every word and number one token: as compact as Llama 3's
+    assert [tok.decode([tokens[p + 1]]) for p in qp] == ["right", "down"]
+
+
+# ---------------------------------------------------------------------------------------------------------------- CLI
+
+def test_presets_and_cli():
+    assert train.parse_args([]) == train.make_config("cpu")
+    paper = train.parse_args(["--preset", "llama3.1-8b", "--model-dir", "/x", "--lr", "0.02", "--no-bf16"])
+    assert (paper.lr, paper.warmup_steps, paper.weight_decay, paper.slices_per_step, paper.context_len) == \
+        (0.02, 10, 0.01, 10, 4096)
+    assert (paper.gamma, paper.reward_scale, paper.alpha, paper.epochs, paper.steps, paper.bf16) == \
+        (0.9, 30.0, 0.1, 1.0, 0, False)
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "--normalize-by-mean-target" in out.stdout and "llama3.1-8b: 0.01" in out.stdout
+
+
+def test_bad_input_fails_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="needs --model-dir"):
+        train.train(train.make_config("llama3.1-8b", data_dir=str(tmp_path / "d")))
+    with pytest.raises(ValueError, match="context_len 512 is longer than the model's max_seq_len 256"):
+        train.train(tiny(tmp_path, context_len=512))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train.train(tiny(tmp_path, resume=True))
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000002"  # a checkpoint of another model shape
+    ckpt.mkdir(parents=True)
+    (ckpt / "train_config.json").write_text(json.dumps({**json.loads(json.dumps(tiny(tmp_path).__dict__)), "dim": 64}))
+    (tmp_path / "run" / "latest").write_text("checkpoints/step_000002")
+    with pytest.raises(ValueError, match="another model/preset.*dim: checkpoint 64, now 32"):
+        train.train(tiny(tmp_path, resume=True))
+    assert not (tmp_path / "d").exists() and not (tmp_path / "data").exists()  # nothing generated
+    out = subprocess.run([sys.executable, "train.py", "--preset", "llama3.1-8b"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 2 and "needs --model-dir" in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------- loop
+
+@pytest.mark.slow
+def test_tiny_run_writes_checkpoints_metrics_png_and_loads(tmp_path):
+    cfg = tiny(tmp_path)
+    run = train.train(cfg)
+    assert (run / "latest").read_text() == "checkpoints/step_000004"
+    ckpt = run / "checkpoints" / "step_000004"
+    assert {p.name for p in ckpt.iterdir()} == {"train_config.json", "model", "target", "optimizer.pt",
+                                                "trainer_state.pt"}
+    assert (run / "checkpoints" / "step_000002").is_dir()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["lr"] for r in rows] == pytest.approx(
+        [cfg.lr * k / 10 for k in (1, 2, 3, 4)])  # linear warmup over 10 steps
+    assert all("heldout_loss" in r for r in rows[1::2]) and rows[0]["tokens_per_s"] > 0
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the target moved by Polyak: neither the initial copy nor the online model
+    online, target = weights(ckpt), weights(ckpt, "target")
+    assert not torch.equal(online["model.norm.weight"], target["model.norm.weight"])
+
+    # load_policy round trip, checked against transformers reading the same checkpoint dir
+    model, adapter, tok, fmt = train.load_policy(run)
+    assert adapter is None and fmt.action_ids == dqn.TrajectoryFormat.for_tokenizer(train.small_tokenizer()).action_ids
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM.from_pretrained(ckpt / "model").eval()
+    tokens, qp = dqn.tokenize_episode(dqn.Episode([0, 1, 2], [2, 2], [0.0, 1.0]), fmt)
+    tokens = torch.tensor([tokens])
+    q = dqn.q_values(model, tokens, torch.tensor([qp]), fmt.action_ids)
+    with torch.no_grad():
+        ref = hf(tokens).logits[0, qp][:, fmt.action_ids]
+    torch.testing.assert_close(q[0], ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_interrupt_mid_step_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    straight = train.train(tiny(tmp_path / "a"))
+    # a KeyboardInterrupt in the middle of step 3 (a second Ctrl-C): the step-2 state is saved, nothing half-done
+    calls, collate = [0], dqn.collate
+
+    def interrupting_collate(*a, **kw):
+        calls[0] += 1
+        if calls[0] == 2 * 2 + 1 + 2:  # 2 slices per step, 2 held-out slices after step 2: first slice of step 3
+            raise KeyboardInterrupt
+        return collate(*a, **kw)
+    monkeypatch.setattr(dqn, "collate", interrupting_collate)
+    run = train.train(tiny(tmp_path / "b"))
+    monkeypatch.undo()
+    assert (run / "latest").read_text() == "checkpoints/step_000002"
+    resumed = train.train(tiny(tmp_path / "b", resume=True))
+    a, b = straight / "checkpoints" / "step_000004", resumed / "checkpoints" / "step_000004"
+    for name in ("model", "target"):
+        wa, wb = weights(a, name), weights(b, name)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name  # bit for bit on CPU
+    oa, ob = torch.load(a / "optimizer.pt"), torch.load(b / "optimizer.pt")
+    assert all(torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"]) for i in oa["state"])
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_ctrl_c_signal_finishes_the_step_and_saves(tmp_path, monkeypatch):
+    calls, collate = [0], dqn.collate
+
+    def ctrl_c(*a, **kw):
+        calls[0] += 1
+        if calls[0] == 1:  # the real signal, in step 1: the step completes, is saved, the run returns
+            os.kill(os.getpid(), signal.SIGINT)
+        return collate(*a, **kw)
+    monkeypatch.setattr(dqn, "collate", ctrl_c)
+    before = signal.getsignal(signal.SIGINT)
+    run = train.train(tiny(tmp_path, steps=50))
+    assert (run / "latest").read_text() == "checkpoints/step_000001"
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
+    assert (run / "loss.png").exists()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    calls, td_loss = [0], dqn.td_loss
+
+    def nan_from_step_3(*a, **kw):
+        calls[0] += 1
+        loss = td_loss(*a, **kw)
+        return loss * float("nan") if calls[0] > 2 * 2 + 2 else loss  # 2 steps x 2 slices + 2 held-out slices
+    monkeypatch.setattr(dqn, "td_loss", nan_from_step_3)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 3.*step_000002"):
+        train.train(tiny(tmp_path))
+    run = tmp_path / "run"
+    assert (run / "latest").read_text() == "checkpoints/step_000002"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002"]
+    assert all(torch.isfinite(t).all() for t in weights(run / "checkpoints" / "step_000002").values())
+
+
+def test_ia3_preset_trains_only_the_adapter(tmp_path):
+    """The IA3 path (smollm2 / llama3.1-8b presets) on a tiny random base model written in HF format."""
+    tok = train.small_tokenizer()
+    base = train.small_model(tiny(tmp_path), tok.n_words)
+    llama.save(base, tmp_path / "base")
+    tok.save(tmp_path / "base")
+    kw = {k: v for k, v in tiny(tmp_path).__dict__.items() if k not in train.MODEL_FIELDS and k != "lr"}
+    run = train.train(train.make_config("smollm2", **{**kw, "model_dir": str(tmp_path / "base"), "steps": 2}))
+    ckpt = run / "checkpoints" / "step_000002"
+    assert (ckpt / "adapter" / "adapter_config.json").is_file() and (ckpt / "target_adapter").is_dir()
+    model, adapter, _, _ = train.load_policy(run)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
+    assert adapter is not None and not torch.equal(adapter.l_ff[0], torch.ones_like(adapter.l_ff[0]))
+
+
+@pytest.mark.slow
+def test_two_process_gloo_equals_one_process(tmp_path):
+    one = train.train(tiny(tmp_path / "one", steps=3, eval_every=0))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
+    cfg = tiny(tmp_path / "two", steps=3, eval_every=0)
+    for k, v in cfg.__dict__.items():
+        if v is not None and k != "preset":
+            cmd += [f"--{k.replace('_', '-')}" if v is not False else f"--no-{k.replace('_', '-')}"] + \
+                   ([] if isinstance(v, bool) else [str(v)])
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "world 2" in out.stderr
+    a, b = weights(one / "checkpoints" / "step_000003"), weights(Path(cfg.out) / "checkpoints" / "step_000003")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)

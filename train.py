@@ -1,0 +1,620 @@
+"""Train an in-context RL agent: offline double DQN on Frozen Lake trajectories, Q-values read off LLaMA's LM head.
+
+What it does, top to bottom:
+1. Data (paper §3.2, REFERENCE.md §1): on every training map a tabular Q-learner with ε-greedy exploration runs from
+   scratch; its episodes, from early failures to later successes, are the data. Sets of 20-40 episodes of one map
+   are drawn with the paper's quality weighting (hi: successes 5x more likely, low: failures 5x, mid: uniform),
+   shuffled, and packed into context slices by `dqn.pack_slices`. Generated once per data config, cached on disk
+   with a manifest (the generating config and its hash).
+2. The loop: AdamW (weight decay 0.01), lr warmup over 10 steps then constant, `slices_per_step` slices per
+   optimizer step (gradient accumulation), double-DQN targets from a target network (Eq. 6), MSE TD loss (Eq. 7),
+   Polyak averaging of the target after every step (Eq. 8). bf16 autocast and gradient checkpointing on CUDA.
+   Held-out TD loss every `eval_every` steps, metrics JSONL, a tqdm bar, a PNG of the loss curve at the end.
+3. Checkpoints under `--out` (default runs/<preset>), written atomically; `--resume` continues exactly; Ctrl-C
+   saves and exits; a NaN/inf loss stops the run and keeps the last good checkpoint. `load_policy` reads them back.
+4. `torchrun --nproc_per_node N train.py ...`: data parallel, each rank takes its share of a step's slices and the
+   trainable gradients are summed with one all-reduce per tensor (the same update as one process).
+
+Presets (`--preset`): `cpu` (default) a small LLaMA from random init, `smollm2` SmolLM2-135M + IA3, `llama3.1-8b`
+Llama-3.1-8B-Instruct + IA3 with the paper's hyperparameters (lr 1e-2, warmup 10, 10 x 4096 tokens per step, γ 0.9,
+reward x30, α 0.1, one epoch).
+
+Deliberate deviations from the paper (arXiv 2501.14176):
+- The paper's "traditional RL algorithm" for the data is unpublished; we use tabular Q-learning (ε linear 1 -> 0.05).
+- cpu preset: all weights of a small random-init model are trained (IA3 only rescales activations of a model that
+  already computes something; on random weights it cannot learn), lr 1e-3 with gradient clipping 1.0 (1e-2 diverges
+  from scratch), a built-in vocabulary of ~600 tokens (bytes + merges for dqn.FORMAT_TEXTS) that
+  carries the Llama 3 special-token names, so the trajectory text is the paper's, token for token.
+- Held-out TD loss is measured on data generated the same way on frozenlake.test_maps() (50 maps, disjoint from
+  the training maps), not on a split of the training maps.
+- Slices inside one forward pass (`micro_batch` > 1) share one mean over their action positions; the paper's 10
+  slices per step are 10 micro-batches of one (the llama3.1-8b preset), where the two agree.
+"""
+import argparse
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import dqn
+import frozenlake
+import ia3
+import llama
+
+DATA_VERSION = 1  # bump when the generator changes: every cached data set is then regenerated
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration: one dataclass, the cpu preset's values as defaults; the other presets override a few fields.
+
+def option(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    preset: str = option("cpu", "documented field defaults: cpu (small random-init LLaMA, all weights), smollm2 "
+                     "(SmolLM2-135M + IA3), llama3.1-8b (--model-dir + IA3, the paper's hyperparameters)",
+                     choices=("cpu", "smollm2", "llama3.1-8b"))
+    model_dir: str | None = option(None, "HF LLaMA checkpoint dir of the base model (required for llama3.1-8b: an "
+                               "official Llama-3.1-8B-Instruct download; smollm2: default gguf_to_hf.smollm2_dir())")
+    out: str | None = option(None, "run dir for checkpoints, metrics.jsonl, loss.png (default runs/<preset>)")
+    resume: bool = option(False, "continue from the latest checkpoint in --out (same model and preset required)")
+    # the cpu preset's model (ignored by the IA3 presets, whose shape comes from --model-dir)
+    dim: int = option(128, "cpu model: width")
+    n_layers: int = option(4, "cpu model: transformer blocks")
+    n_heads: int = option(4, "cpu model: query heads")
+    n_kv_heads: int = option(2, "cpu model: key/value heads (GQA)")
+    ffn_dim: int = option(384, "cpu model: SwiGLU hidden width")
+    max_seq_len: int = option(1024, "cpu model: longest context it is built for (context_len must fit)")
+    # data: tabular Q-learning histories, sets of episodes of one map
+    data_dir: str = option("runs/data", "cache of generated episodes (one subdir per data config, with a manifest)")
+    n_maps: int = option(250, "use the first n of frozenlake.train_maps() (250 = the paper's)")
+    qlearn_runs: int = option(2, "independent tabular Q-learning runs per map (each from scratch)")
+    qlearn_episodes: int = option(60, "episodes per Q-learning run (ε goes linearly from 1 to 0.05 over the run)")
+    qlearn_lr: float = option(0.5, "tabular Q-learning step size")
+    qlearn_gamma: float = option(0.95, "tabular Q-learning discount")
+    sets_per_map: int = option(12, "episode sets drawn per map (sets x maps x ~2.7k tokens = the data's size)")
+    set_min: int = option(20, "fewest episodes in a set (paper: 20)")
+    set_max: int = option(40, "most episodes in a set (paper: 40)")
+    quality: str = option("mid", "data quality: hi = successes 5x more likely sampled, low = failures 5x, mid = even",
+                      choices=("hi", "mid", "low"))
+    heldout_sets_per_map: int = option(1, "episode sets per held-out map (frozenlake.test_maps()), held-out loss")
+    data_seed: int = option(0, "seed of the Q-learning runs and of the set sampling")
+    context_len: int = option(1024, "tokens per slice (paper: 4096)")
+    # optimisation
+    steps: int | None = option(240, "optimizer steps (0: `epochs` passes over the slices)")
+    epochs: float = option(1.0, "passes over the data when --steps is 0 (paper: 1)")
+    slices_per_step: int = option(8, "slices per optimizer step, all ranks together (paper: 10)")
+    micro_batch: int = option(4, "slices per forward pass (gradient accumulation over slices_per_step / micro_batch)")
+    lr: float = option(1e-3, "peak learning rate (paper: 1e-2 for IA3)")
+    warmup_steps: int = option(10, "linear warmup steps, then constant (paper: 10)")
+    weight_decay: float = option(0.01, "AdamW weight decay (paper: 0.01)")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off; the paper does not clip)")
+    gamma: float = option(0.9, "discount γ of the Bellman targets (paper: 0.9)")
+    reward_scale: float = option(30.0, "episode reward x this in the targets, to match the logit scale (paper: 30)")
+    alpha: float = option(0.1, "Polyak rate: target <- α·online + (1-α)·target after every step (paper: 0.1)")
+    normalize_by_mean_target: bool = option(False, "divide the TD error by the detached mean target (authors' code)")
+    # bookkeeping
+    eval_every: int = option(40, "held-out TD loss every N steps (0: only at the end)")
+    eval_slices: int = option(8, "held-out slices per evaluation")
+    save_every: int = option(80, "checkpoint every N steps (and always at the end)")
+    keep_checkpoints: int = option(2, "keep only the newest N checkpoints")
+    seed: int = option(0, "seed of the model init, the slice packing and the data order")
+    device: str = option("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    bf16: bool = option(True, "bf16 autocast (and bf16 base weights for IA3) on CUDA; always fp32 on CPU")
+    gradient_checkpointing: bool = option(True, "recompute each block in the backward pass on CUDA (saves memory)")
+    progress: bool = option(True, "show the tqdm progress bar")
+
+
+PAPER = dict(context_len=4096, slices_per_step=10, micro_batch=1, lr=1e-2, warmup_steps=10, weight_decay=0.01,
+             grad_clip=0.0, gamma=0.9, reward_scale=30.0, alpha=0.1, steps=0, epochs=1.0,
+             sets_per_map=58,  # 250 maps x 58 sets x ~2.7k tokens ≈ the paper's 39M tokens, ≈ 956 steps
+             eval_every=50, eval_slices=20, save_every=100, heldout_sets_per_map=2)
+PRESETS = {"cpu": {}, "smollm2": dict(PAPER), "llama3.1-8b": dict(PAPER)}
+MODEL_FIELDS = ("preset", "model_dir", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")
+
+
+def make_config(preset="cpu", **overrides) -> TrainConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return TrainConfig(**{**PRESETS[preset], "preset": preset, **overrides})
+
+
+def _arg_type(f):
+    return next(t for t in typing.get_args(f.type) if t is not type(None)) if typing.get_args(f.type) else f.type
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                epilog="`python train.py` with no arguments trains the cpu preset.")
+    for f in fields(TrainConfig):
+        by_preset = {name: PRESETS[name].get(f.name, f.default) for name in PRESETS}
+        help = f.metadata["help"] + (f" [{', '.join(f'{k}: {v}' for k, v in by_preset.items())}]"
+                                     if len(set(map(str, by_preset.values()))) > 1 else f" [{f.default}]")
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+        else:
+            p.add_argument(flag, type=_arg_type(f), default=None, choices=f.metadata.get("choices"), help=help)
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    return make_config(given.pop("preset", "cpu"), **given)
+
+
+def check_config(cfg: TrainConfig):
+    """Bad input -> a clear error before any data or model work."""
+    if cfg.preset == "llama3.1-8b" and not cfg.model_dir:
+        raise ValueError("preset llama3.1-8b needs --model-dir: an HF Llama-3.1-8B-Instruct download "
+                         "(config.json, model-*.safetensors, original/tokenizer.model)")
+    if cfg.model_dir and cfg.preset == "cpu":
+        raise ValueError("--model-dir is for the IA3 presets (smollm2, llama3.1-8b); the cpu preset builds its model")
+    if cfg.model_dir and not (Path(cfg.model_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"--model-dir {cfg.model_dir}: no config.json (expected an HF checkpoint dir)")
+    if not cfg.set_min <= cfg.set_max <= cfg.qlearn_episodes or cfg.set_min < 1:
+        raise ValueError(f"need 1 <= set_min <= set_max <= qlearn_episodes, got {cfg.set_min}, {cfg.set_max}, "
+                         f"{cfg.qlearn_episodes}")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.slices_per_step % (cfg.micro_batch * world):
+        raise ValueError(f"slices_per_step {cfg.slices_per_step} must be a multiple of micro_batch {cfg.micro_batch}"
+                         f" x world size {world}")
+    max_len = max_seq_len(cfg)
+    if cfg.context_len > max_len:
+        raise ValueError(f"context_len {cfg.context_len} is longer than the model's max_seq_len {max_len}: lower "
+                         f"--context-len" + (" or raise --max-seq-len" if cfg.preset == "cpu" else ""))
+
+
+def base_model_dir(cfg: TrainConfig) -> Path:
+    if cfg.model_dir:
+        return Path(cfg.model_dir)
+    import gguf_to_hf
+    return gguf_to_hf.smollm2_dir()
+
+
+def max_seq_len(cfg: TrainConfig) -> int:
+    if cfg.preset == "cpu":
+        return cfg.max_seq_len
+    hf = json.loads((base_model_dir(cfg) / "config.json").read_text())  # cheap: no weights loaded yet
+    return llama.ModelArgs.from_hf_config(hf).max_seq_len
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data: tabular Q-learning histories on each map, then sets of 20-40 episodes of one map.
+
+def q_learning_episodes(desc, n_episodes, lr, gamma, rng: random.Random) -> list[dqn.Episode]:
+    """A tabular Q-learner from scratch; ε-greedy with ε linear from 1 to 0.05 over the run, ties broken at random."""
+    env = frozenlake.FrozenLake(desc, max_steps=100)
+    Q = [[0.0] * 4 for _ in range(env.observation_space.n)]
+    episodes = []
+    for k in range(n_episodes):
+        eps = 1.0 + (0.05 - 1.0) * k / max(n_episodes - 1, 1)
+        s, _ = env.reset(seed=int(rng.random() * 2**31))
+        obs, acts, rews = [s], [], []
+        while True:
+            if rng.random() < eps:
+                a = int(rng.random() * 4)
+            else:
+                best = max(Q[s])
+                ties = [b for b in range(4) if Q[s][b] == best]
+                a = ties[int(rng.random() * len(ties))]
+            s2, r, terminated, truncated, _ = env.step(a)
+            Q[s][a] += lr * (r + gamma * max(Q[s2]) * (not terminated) - Q[s][a])  # Q ← Q + lr·(r + γ max Q' − Q)
+            obs.append(s2), acts.append(a), rews.append(float(r))
+            s = s2
+            if terminated or truncated:
+                episodes.append(dqn.Episode(obs, acts, rews, truncated=truncated and not terminated))
+                break
+    return episodes
+
+
+def quality_weight(ep: dqn.Episode, quality: str) -> float:
+    success = sum(ep.rewards) > 0
+    return {"hi": 5.0 if success else 1.0, "low": 1.0 if success else 5.0, "mid": 1.0}[quality]
+
+
+def sample_set(weights: list[float], n: int, rng: random.Random) -> list[int]:
+    """n distinct indices, each draw proportional to its weight among those left (Efraimidis-Spirakis keys u^(1/w))."""
+    keys = [rng.random() ** (1.0 / w) for w in weights]
+    return sorted(range(len(weights)), key=lambda i: -keys[i])[:n]
+
+
+def data_config(cfg: TrainConfig, split: str) -> dict:
+    maps = frozenlake.train_maps()[:cfg.n_maps] if split == "train" else frozenlake.test_maps()
+    return {"version": DATA_VERSION, "split": split, "maps": maps, "qlearn_runs": cfg.qlearn_runs,
+            "qlearn_episodes": cfg.qlearn_episodes, "qlearn_lr": cfg.qlearn_lr, "qlearn_gamma": cfg.qlearn_gamma,
+            "sets_per_map": cfg.sets_per_map if split == "train" else cfg.heldout_sets_per_map,
+            "set_min": cfg.set_min, "set_max": cfg.set_max, "quality": cfg.quality, "data_seed": cfg.data_seed}
+
+
+def generate_data(dc: dict) -> dict:
+    """{"episodes": [map][run][episode] as [obs, actions, rewards, truncated], "sets": [[map, run, [episode...]]]}."""
+    episodes = []
+    for m, desc in enumerate(dc["maps"]):
+        runs = []
+        for r in range(dc["qlearn_runs"]):
+            rng = random.Random(f"{dc['data_seed']}/{dc['split']}/{m}/{r}")  # str seeds are stable across versions
+            eps = q_learning_episodes(desc, dc["qlearn_episodes"], dc["qlearn_lr"], dc["qlearn_gamma"], rng)
+            runs.append([[e.observations, e.actions, e.rewards, e.truncated] for e in eps])
+        episodes.append(runs)
+    rng, sets = random.Random(f"{dc['data_seed']}/{dc['split']}/sets"), []
+    for m, runs in enumerate(episodes):
+        for _ in range(dc["sets_per_map"]):
+            r = int(rng.random() * len(runs))
+            n = dc["set_min"] + int(rng.random() * (dc["set_max"] - dc["set_min"] + 1))
+            weights = [quality_weight(dqn.Episode(*e), dc["quality"]) for e in runs[r]]
+            chosen = sample_set(weights, n, rng)
+            rng.shuffle(chosen)  # no order inside a set (unlike Algorithm Distillation)
+            sets.append([m, r, chosen])
+    return {"episodes": episodes, "sets": sets}
+
+
+def _atomic_write_text(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_episode_sets(cfg: TrainConfig, split: str) -> list[list[dqn.Episode]]:
+    """The episode sets of a split, generated once per data config into data_dir/<split>-<hash>/ (data, then the
+    manifest, each written atomically; a dir without a matching manifest is regenerated)."""
+    dc = data_config(cfg, split)
+    digest = hashlib.sha256(json.dumps(dc, sort_keys=True).encode()).hexdigest()
+    where = Path(cfg.data_dir) / f"{split}-{digest[:12]}"
+    manifest_file, data_file = where / "manifest.json", where / "episodes.json"
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+    text = data_file.read_text() if manifest.get("hash") == digest and data_file.is_file() else None
+    if text is None or hashlib.sha256(text.encode()).hexdigest() != manifest.get("data_sha256"):
+        text = json.dumps(generate_data(dc), separators=(",", ":"))
+        _atomic_write_text(data_file, text)
+        manifest = {"hash": digest, "config": dc, "data_sha256": hashlib.sha256(text.encode()).hexdigest(),
+                    "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        _atomic_write_text(manifest_file, json.dumps(manifest, indent=1))
+    data = json.loads(text)
+    return [[dqn.Episode(*data["episodes"][m][r][i]) for i in chosen] for m, r, chosen in data["sets"]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The policy: a small random-init LLaMA (cpu) or a frozen base + IA3 adapter; the target network beside it.
+
+def small_tokenizer() -> llama.Tokenizer:
+    """Bytes plus merges that make every text piece of the trajectory format (dqn.FORMAT_TEXTS: roles, action words,
+    "...", numbers 0-63) one token, and the Llama 3 special-token names (ids after the ranks). Each piece's prefixes
+    are ranked in order, so byte-pair merging reaches the whole piece."""
+    ranks = {bytes([b]): b for b in range(256)}
+    for text in dqn.FORMAT_TEXTS:
+        for k in range(2, len(text) + 1):
+            ranks.setdefault(text[:k].encode(), len(ranks))
+    return llama.Tokenizer.from_ranks(ranks, llama.LLAMA3_PATTERN, llama.LLAMA3_SPECIALS)
+
+
+def small_model(cfg: TrainConfig, vocab_size: int) -> llama.Transformer:
+    args = llama.ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                           vocab_size=vocab_size, ffn_dim=cfg.ffn_dim, rope_theta=10000.0, rope_scaling=None,
+                           max_seq_len=cfg.max_seq_len)
+    torch.manual_seed(cfg.seed)
+    model = llama.Transformer(args)
+    for p in model.parameters():
+        if p.dim() == 2:  # GPT-2 / nanoGPT init; norms stay at one
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def build_policy(cfg: TrainConfig, device, checkpoint: Path | None = None):
+    """-> (model, adapter or None, target model, target adapter or None, tokenizer), fresh or from a checkpoint."""
+    if cfg.preset == "cpu":
+        if checkpoint is None:
+            tokenizer = small_tokenizer()
+            model = small_model(cfg, tokenizer.n_words)
+        else:
+            tokenizer, model = llama.Tokenizer(checkpoint / "model"), llama.load(checkpoint / "model")
+        target = copy.deepcopy(model) if checkpoint is None else llama.load(checkpoint / "target")
+        return (model.to(device).train().requires_grad_(True), None,
+                target.to(device).eval().requires_grad_(False), None, tokenizer)
+    dtype = torch.bfloat16 if cfg.bf16 and torch.device(device).type == "cuda" else torch.float32
+    base = llama.load(base_model_dir(cfg), device=device, dtype=dtype)  # frozen, shared by online and target
+    tokenizer = llama.Tokenizer(base_model_dir(cfg))
+    if checkpoint is None:
+        adapter = ia3.IA3(base)
+        target = adapter.copy()
+    else:
+        adapter = ia3.IA3.from_pretrained(checkpoint / "adapter", base)
+        target = ia3.IA3.from_pretrained(checkpoint / "target_adapter", base).requires_grad_(False)
+    return base, adapter, base, target, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints: runs/<name>/checkpoints/step_NNNNNN/{train_config.json, model|adapter, target|target_adapter,
+# optimizer.pt, trainer_state.pt}; runs/<name>/latest names the newest complete one.
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    latest = Path(run_dir) / "latest"
+    return Path(run_dir) / latest.read_text().strip() if latest.is_file() else None
+
+
+def save_checkpoint(run_dir: Path, cfg, step, model, adapter, target, target_adapter, tokenizer, optimizer):
+    final = run_dir / "checkpoints" / f"step_{step:06d}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
+    try:
+        _atomic_write_text(tmp / "train_config.json", json.dumps(asdict(cfg), indent=1))
+        if adapter is None:
+            llama.save(model, tmp / "model")
+            tokenizer.save(tmp / "model")
+            llama.save(target, tmp / "target")
+        else:
+            adapter.save_pretrained(tmp / "adapter", base_model_name_or_path=str(base_model_dir(cfg)))
+            target_adapter.save_pretrained(tmp / "target_adapter")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save({"step": step, "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "data_order": {"seed": cfg.seed, "next_slice": step * cfg.slices_per_step}},
+                   tmp / "trainer_state.pt")
+        if final.exists():  # the same step saved twice (periodic + final): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _atomic_write_text(run_dir / "latest", str(final.relative_to(run_dir)))
+    kept = sorted((run_dir / "checkpoints").glob("step_*"))
+    for old in kept[:-max(cfg.keep_checkpoints, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def check_resumable(cfg: TrainConfig, run_dir: Path) -> Path:
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None or not ckpt.is_dir():
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir} (no 'latest' file); drop --resume to start")
+    saved = json.loads((ckpt / "train_config.json").read_text())
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in MODEL_FIELDS
+            if saved.get(k) != getattr(cfg, k)]
+    if diff:
+        raise ValueError(f"--resume: {ckpt} is from another model/preset ({'; '.join(diff)}); use the same "
+                         f"settings or another --out")
+    return ckpt
+
+
+def load_policy(run_or_checkpoint_dir, device="cpu"):
+    """-> (model, adapter or None, tokenizer, fmt) of the latest checkpoint of a run dir, or of a checkpoint dir.
+    cpu preset: the trained small model (adapter None); IA3 presets: the frozen base model + the online adapter."""
+    path = Path(run_or_checkpoint_dir)
+    ckpt = path if (path / "train_config.json").is_file() else latest_checkpoint(path)
+    if ckpt is None or not (ckpt / "train_config.json").is_file():
+        raise FileNotFoundError(f"{path}: neither a train.py run dir (with 'latest') nor a checkpoint dir")
+    cfg = TrainConfig(**json.loads((ckpt / "train_config.json").read_text()))
+    model, adapter, _, _, tokenizer = build_policy(cfg, device, checkpoint=ckpt)
+    model.eval().requires_grad_(False)
+    if adapter is not None:
+        adapter.requires_grad_(False)
+    return model, adapter, tokenizer, dqn.TrajectoryFormat.for_tokenizer(tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, autocast):
+    """Eq. 6-7 on one collated batch: online Q (with grad), target Q (no grad), double-DQN targets, MSE."""
+    with autocast():
+        q_online = dqn.q_values(model, batch["tokens"], batch["q_positions"], action_ids, adapter)  # (B, P, 4)
+        with torch.no_grad():
+            q_target = dqn.q_values(target, batch["tokens"], batch["q_positions"], action_ids, target_adapter)
+    targets = dqn.bellman_targets(q_online, q_target, batch, cfg.gamma, cfg.reward_scale)  # (B, P), no grad
+    return dqn.td_loss(q_online, targets, batch, cfg.normalize_by_mean_target)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Runs (or resumes) training; returns the run dir. Raises FloatingPointError on a NaN/inf loss."""
+    check_config(cfg)
+    run_dir = Path(cfg.out or f"runs/{cfg.preset}")
+    resume_from = check_resumable(cfg, run_dir) if cfg.resume else None
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device = resolve_device(cfg)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    # data: rank 0 generates the cache, the others read it
+    if rank == 0:
+        load_episode_sets(cfg, "train"), load_episode_sets(cfg, "heldout")
+    if world > 1:
+        dist.barrier()
+    model, adapter, target, target_adapter, tokenizer = build_policy(cfg, device, resume_from)
+    fmt = dqn.TrajectoryFormat.for_tokenizer(tokenizer)
+    pad_id = fmt.eos[0]  # right padding: causal attention keeps real tokens from seeing it
+    slices = dqn.pack_slices(load_episode_sets(cfg, "train"), fmt, cfg.context_len, random.Random(cfg.seed))
+    heldout = dqn.pack_slices(load_episode_sets(cfg, "heldout"), fmt, cfg.context_len, random.Random(cfg.seed))
+    heldout = heldout[:cfg.eval_slices][rank::world]
+    total_steps = cfg.steps or max(1, int(cfg.epochs * len(slices) // cfg.slices_per_step))
+    action_ids = torch.tensor(fmt.action_ids, device=device)
+
+    trainable = [p for p in (adapter or model).parameters() if p.requires_grad]
+    online_params = list((adapter or model).parameters())
+    target_params = list((target_adapter or target).parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    step = 0
+    if resume_from is not None:
+        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location=device))
+        state = torch.load(resume_from / "trainer_state.pt", weights_only=False)
+        step = state["step"]
+        random.setstate(state["python_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    on_cuda = device.type == "cuda"
+    model.gradient_checkpointing = cfg.gradient_checkpointing and on_cuda
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cfg.bf16 and on_cuda
+                else contextlib.nullcontext)
+
+    def step_slices(s):  # the global slice order: a fresh permutation of all slices per epoch, seeded
+        out = []
+        for g in range(s * cfg.slices_per_step, (s + 1) * cfg.slices_per_step):
+            epoch, i = divmod(g, len(slices))
+            order = list(range(len(slices)))
+            random.Random(f"{cfg.seed}/epoch{epoch}").shuffle(order)
+            out.append(slices[order[i]])
+        return out
+
+    def to_device(batch):
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def heldout_loss():
+        with torch.no_grad():
+            total = torch.zeros(2, device=device)  # (sum of losses, count)
+            for s in heldout:
+                loss = td_loss_on(to_device(dqn.collate([s], pad_id)), model, adapter, target, target_adapter,
+                                  action_ids, cfg, autocast)
+                total += torch.stack([loss.float(), torch.ones((), device=device)])
+            if world > 1:
+                dist.all_reduce(total)
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def save():  # rank 0 writes, the others wait so that no rank runs ahead of a checkpoint
+        if rank == 0:
+            save_checkpoint(run_dir, cfg, step, model, adapter, target, target_adapter, tokenizer, optimizer)
+        if world > 1:
+            dist.barrier()
+        return run_dir / "checkpoints" / f"step_{step:06d}"
+
+    metrics_file = run_dir / "metrics.jsonl"
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        old = metrics_file.read_text().splitlines() if cfg.resume and metrics_file.exists() else []
+        _atomic_write_text(metrics_file, "".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
+        n_train = sum(p.numel() for p in trainable)
+        print(f"[train] {cfg.preset}: {len(slices)} slices of <= {cfg.context_len} tokens, {total_steps} steps x "
+              f"{cfg.slices_per_step} slices, {n_train:,} trainable parameters, device {device}, world {world}"
+              + (f", resuming at step {step}" if resume_from else ""), file=sys.stderr)
+
+    stop = {"requested": False}  # Ctrl-C: finish the step, save, exit (a second Ctrl-C interrupts at once)
+
+    def on_sigint(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous_handler = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
+
+    from tqdm import tqdm
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0 or not cfg.progress, dynamic_ncols=True)
+    per_rank = cfg.slices_per_step // world
+    try:
+        with metrics_file.open("a") if rank == 0 else contextlib.nullcontext() as log:
+            while step < total_steps:
+                t0 = time.perf_counter()
+                lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))  # linear warmup, then constant
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                mine = step_slices(step)[rank::world]
+                optimizer.zero_grad(set_to_none=False)
+                loss_sum = torch.zeros((), device=device)
+                for i in range(0, per_rank, cfg.micro_batch):
+                    batch = to_device(dqn.collate(mine[i:i + cfg.micro_batch], pad_id))
+                    loss = td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, autocast)
+                    share = len(mine[i:i + cfg.micro_batch]) / cfg.slices_per_step  # mean over the global step
+                    (loss * share).backward()
+                    loss_sum += loss.detach().float() * share
+                tokens = torch.tensor(float(sum(len(s.tokens) for s in mine)), device=device)
+                if world > 1:  # sum the gradients of all ranks: each already carries its 1/slices_per_step share
+                    for p in trainable:
+                        dist.all_reduce(p.grad)
+                    dist.all_reduce(loss_sum), dist.all_reduce(tokens)
+                if not math.isfinite(loss_sum.item()):
+                    last = latest_checkpoint(run_dir)
+                    raise FloatingPointError(
+                        f"loss is {loss_sum.item()} at step {step + 1}; stopped without updating the weights. "
+                        f"Last good checkpoint: {last or 'none yet'}. Lower --lr or set --grad-clip, then --resume.")
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                optimizer.step()
+                dqn.polyak_update(target_params, online_params, cfg.alpha)  # φ ← α·θ + (1−α)·φ
+                step += 1
+                dt = time.perf_counter() - t0
+                record = {"step": step, "loss": loss_sum.item(), "lr": lr, "tokens": tokens.item(),
+                          "tokens_per_s": tokens.item() / dt, "time": time.time()}
+                if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
+                    record["heldout_loss"] = heldout_loss()
+                bar.set_postfix(loss=f"{record['loss']:.3g}", lr=f"{lr:.2g}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+                if rank == 0:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                    save()
+                requested = torch.tensor(float(stop["requested"]), device=device)
+                if world > 1:  # every rank stops at the same step boundary
+                    dist.all_reduce(requested, op=dist.ReduceOp.MAX)
+                if requested.item():
+                    print(f"\n[train] interrupted: saving step {step} and exiting", file=sys.stderr)
+                    break
+    except KeyboardInterrupt:  # a second Ctrl-C, mid-step: the weights are still those of the last finished step
+        print(f"\n[train] interrupted: saving step {step} and exiting", file=sys.stderr)
+    finally:
+        bar.close()
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous_handler)
+    final = save()
+    if rank == 0:
+        plot_losses(metrics_file, run_dir / "loss.png")
+        print(f"[train] step {step}: checkpoint {final}", file=sys.stderr)
+    return run_dir
+
+
+def plot_losses(metrics_file: Path, png: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8, label="train TD loss")
+    held = [r for r in rows if "heldout_loss" in r]
+    ax.plot([r["step"] for r in held], [r["heldout_loss"] for r in held], "o-", label="held-out TD loss (test maps)")
+    ax.set(xlabel="optimizer step", ylabel="TD loss (Eq. 7)", yscale="log", title=png.parent.name)
+    ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=png.parent, prefix=".loss.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2 if not isinstance(e, FloatingPointError) else 1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
