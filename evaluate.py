@@ -46,12 +46,12 @@ import json
 import math
 import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 import frozenlake
+import llama
 from dqn import Episode, tokenize_episode
 
 EXPERIMENTS = ("id", "ood", "stitching", "nonstationary")
@@ -440,14 +440,10 @@ def summarize(success, per_map):
 
 
 def _atomic_write(path, write, mode="w"):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
+    def write_file(tmp):
+        with open(tmp, mode) as f:
             write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    llama.atomic_write(path, write_file)
 
 
 def write_outputs(out_dir, name, cfg, setup, results, model_stats):

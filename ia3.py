@@ -22,13 +22,13 @@ with PEFT's key names and shapes ((out, 1) for k_proj / v_proj, (1, in) for the 
 `peft.PeftModel.from_pretrained(LlamaForCausalLM, dir)` loads ours and `IA3.from_pretrained` loads PEFT's.
 """
 import json
-import os
-import tempfile
 from copy import deepcopy
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from llama import atomic_write
 
 TARGET_MODULES = ["k_proj", "v_proj", "down_proj"]  # PEFT's default for llama
 FEEDFORWARD_MODULES = ["down_proj"]  # scaled at the input, not the output
@@ -96,7 +96,7 @@ class IA3(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         from safetensors.torch import save_file
         tensors = {k: t.cpu().contiguous() for k, t in self.peft_state_dict().items()}
-        _atomic_write(path / "adapter_model.safetensors",
+        atomic_write(path / "adapter_model.safetensors",
                       lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         config = {  # what peft 0.21's IA3Config.save_pretrained writes, with PEFT's llama defaults
             "peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": TARGET_MODULES,
@@ -104,7 +104,7 @@ class IA3(nn.Module):
             "init_ia3_weights": True, "inference_mode": True, "modules_to_save": None,
             "base_model_name_or_path": base_model_name_or_path, "revision": None, "auto_mapping": None,
         }
-        _atomic_write(path / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+        atomic_write(path / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
     @classmethod
     def from_pretrained(cls, path, model, dtype=torch.float32, device=None) -> "IA3":
@@ -167,14 +167,3 @@ def merge(model, adapter: IA3):
                                   (layer.feed_forward.w2.weight, l_ff[None, :])):
                 weight.copy_(weight * scale.to(weight.device))  # product in the wider dtype, rounded once
     return merged
-
-
-def _atomic_write(path: Path, write):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -354,7 +354,9 @@ def load(path, device="cpu", dtype=None) -> Transformer:
     return model.eval().requires_grad_(False)
 
 
-def _atomic_write(path: Path, write):
+def atomic_write(path, write):
+    """write(tmp_path) into a temp file beside `path`, then rename it over `path`: readers never see half a file."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
@@ -373,10 +375,10 @@ def save(model: Transformer, path):
     names = hf_names(model.args)
     tensors = {names[k]: v.detach().contiguous() for k, v in model.state_dict().items()}
     dtype = next(iter(tensors.values())).dtype
-    _atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     (path / "model.safetensors.index.json").unlink(missing_ok=True)  # a stale index would shadow the new file
     cfg = {**model.args.to_hf_config(), "dtype": str(dtype).removeprefix("torch.")}
-    _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
+    atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -490,7 +492,7 @@ class Tokenizer:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if self.sp is not None:
-            _atomic_write(path / "tokenizer.model", lambda tmp: Path(tmp).write_bytes(self.sp.serialized_model_proto()))
+            atomic_write(path / "tokenizer.model", lambda tmp: Path(tmp).write_bytes(self.sp.serialized_model_proto()))
             return
         by_rank = sorted(self.ranks.items(), key=lambda item: item[1])
         lines = "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in by_rank)
@@ -498,8 +500,8 @@ class Tokenizer:
         meta = {"pattern": self.pattern, "special_tokens": self.special_tokens, "bos": inv.get(self.bos_id),
                 "eos": inv.get(self.eos_id), "stop": [inv[i] for i in sorted(self.stop_ids) if i in inv],
                 "add_bos": self.add_bos}
-        _atomic_write(path / "tokenizer.model", lambda tmp: Path(tmp).write_text(lines))
-        _atomic_write(path / TIKTOKEN_SIDECAR, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+        atomic_write(path / "tokenizer.model", lambda tmp: Path(tmp).write_text(lines))
+        atomic_write(path / TIKTOKEN_SIDECAR, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
 
 
 # ---------------------------------------------------------------- sampling

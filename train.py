@@ -264,10 +264,7 @@ def generate_data(dc: dict) -> dict:
 
 def _atomic_write_text(path: Path, text: str):
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    llama.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def load_episode_sets(cfg: TrainConfig, split: str) -> list[list[dqn.Episode]]:
@@ -597,11 +594,8 @@ def plot_losses(metrics_file: Path, png: Path):
     ax.set(xlabel="optimizer step", ylabel="TD loss (Eq. 7)", yscale="log", title=png.parent.name)
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=png.parent, prefix=".loss.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=100)
+    llama.atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(tmp, png)
 
 
 def main(argv=None):

@@ -1,6 +1,5 @@
 """llama.py against transformers' LlamaForCausalLM, REFERENCE.md §2 numbers, and its own full forward (KV cache)."""
 import json
-import types
 
 import pytest
 import torch
