@@ -5,8 +5,8 @@ per map, 30 episodes with the whole history as context; at every step of episode
 over the 4 action-word logits at the Q position) is taken with probability floor(k/2)/10 for k < 20 and always after,
 otherwise a uniform random action (the paper calls that probability ε). Non-slippery lakes, 100-step limit. Four
 experiments: `id` (50 held-out 3-5 maps), `ood` (50 maps 6-7), `stitching` (the paper's crossing-paths map with its
-two context episodes, then 5 greedy trials) and `nonstationary` (30 episodes, then a new map with the context kept and
-the warm-up restarted, 30 more).
+two context episodes, then 5 greedy trials in one history, see below) and `nonstationary` (30 episodes, then a new
+map with the context kept and the warm-up restarted, 30 more).
 
 Every policy goes through one harness (`run_episodes`) with the same maps, schedule and random stream: the model, a
 uniform random policy, tabular Q-learning from scratch and the BFS oracle. A policy is any object with four methods:
@@ -22,6 +22,14 @@ as dqn.tokenize_episode, which is the authority when an episode closes) and keep
 the new tokens of every row as one right-padded chunk with per-row start positions. `recompute=True` is the slow
 reference that runs the whole context of every row at every step (tests and benchmarks/bench_eval.py compare them).
 
+KV-cache memory: the cache is allocated up front, when a run starts, for every row (one per map) at the full context
+(plus PREFILL_ALONE positions of slack), whatever the histories will actually reach, so that no step ever reallocates:
+  bytes = rows × layers × 2 (K and V) × (context + 64) × n_kv_heads × head_dim × bytes per element (the model dtype)
+e.g. SmolLM2-135M (30 layers, 3 KV heads of 64) in fp32 with 50 rows at 4096: 50·30·2·4160·3·64·4 ≈ 9.6 GB; Llama 3.1
+8B (32 layers, 8 KV heads of 128) in bf16: ≈ 27 GB. It scales linearly in both knobs: --maps N runs N rows instead of
+50, --context C caps the tokens per row (more overflows and re-prefills, and the model sees less history than the
+paper's 4096). `--recompute` allocates no cache but costs a whole-context forward per step.
+
 Context overflow policy: when a row's context would exceed `context` tokens (default: the model's max_seq_len capped
 at 4096, the paper's training context), its oldest whole episodes are dropped until it fits and the row is
 re-prefilled; if the unfinished episode alone is too long (a looping 100-step episode), its oldest steps are dropped
@@ -33,6 +41,13 @@ OUT/<experiment>/ (OUT = --out, default <run>/eval): results.json (config, maps,
 truncation, greedy steps; model context statistics), success.csv and summary.md (per episode index: mean and 95%
 interval over maps; first 2 vs last 10 episodes of each map phase and their ratio), success.png (curves with the
 baselines); stitching also writes context.png and trial<k>_<policy>.png (the paths).
+
+Stitching: the paper's stored run evaluates 5 greedy episodes after the 2 context episodes. We run the 5 trials one
+after another in one row, as every other experiment runs its episodes, so trial t sees the two context episodes and
+trials 0..t-1; trial 0 is exactly "the two context episodes alone". The other reading, each trial on the two context
+episodes only, would add nothing: the map has a single start tile, every action is greedy and the lake is not
+slippery, so all 5 trials would repeat trial 0 step for step. In one history a failed trial can inform the next,
+which is the in-context learning the experiment is about; report trial 0 for the strict context-only claim.
 
 Deliberate choices the paper does not pin down: the coin is tossed per step (not per episode); Q-learning (α 0.5,
 γ 0.9, zero init, random tie-breaking) learns on every transition, greedy or random, and keeps its table across the map
@@ -68,9 +83,11 @@ class EvalConfig:
     seed: int = 0                    # seeds the coin/random-action stream, the env starts and the baselines
     baseline_seeds: int = 10         # baselines run with seeds seed .. seed+N-1 (the model with `seed` only)
     device: str = "cpu"              # torch device for the model
-    context: int | None = None       # context limit in tokens (None = min(model.args.max_seq_len, 4096))
+    context: int | None = None       # context limit in tokens (None = min(model.args.max_seq_len, 4096)); the KV
+    #                                  cache is allocated up front for rows (maps) × (context + 64) tokens: see the
+    #                                  module doc for its size; lower --maps or --context if it does not fit
     recompute: bool = False          # slow reference path: no KV cache, the whole context every step
-    stitching_trials: int = 5        # greedy trials after the stitching context
+    stitching_trials: int = 5        # greedy trials after the stitching context, one after another in one history
     q_lr: float = 0.5                # tabular Q-learning step size α
     q_gamma: float = 0.9             # tabular Q-learning discount γ (the paper's DQN γ)
     max_steps: int = 100             # episode step limit
@@ -213,7 +230,8 @@ class ModelPolicy:
         self.overflows = 0                      # re-prefills caused by the context limit
         self.mismatches = 0                     # episodes whose incremental text differed from tokenize_episode's
         self.slot_of, self.row_at = {}, []      # cache rows: active maps packed into slots 0..B-1
-        if not self.recompute:
+        if not self.recompute:  # all rows at the full context, up front (module doc: KV-cache memory)
+            self.cache = None  # free the previous run's cache first: both at once would double the peak
             self.cache = self.model.new_cache(n_rows, self.limit + PREFILL_ALONE, device=self.device)
 
     def add_context(self, row, episode):
@@ -595,16 +613,21 @@ def parse_args(argv=None):
     p.add_argument("--run", default=d.run, help="train.py run dir (latest checkpoint) or a checkpoint dir")
     p.add_argument("--experiment", default=d.experiment, choices=EXPERIMENTS + ("all",))
     p.add_argument("--episodes", type=int, default=d.episodes, help="episodes per map (per map phase)")
-    p.add_argument("--maps", type=int, default=d.maps, help="use only the first N maps of the set")
+    p.add_argument("--maps", type=int, default=d.maps,
+                   help="use only the first N maps of the set (one KV-cache row each: fewer maps, less memory)")
     p.add_argument("--warmup", type=int, default=d.warmup,
                    help="episodes with p(greedy) = floor(k/2)/(warmup/2) before always greedy (0 = always greedy)")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the random stream, starts and baselines")
     p.add_argument("--baseline-seeds", type=int, default=d.baseline_seeds, help="seeds averaged for the baselines")
     p.add_argument("--device", default=d.device, help="torch device of the model (cpu, cuda, ...)")
     p.add_argument("--context", type=int, default=d.context,
-                   help="context limit in tokens (default: the model's max_seq_len, at most 4096)")
+                   help="context limit in tokens (default: the model's max_seq_len, at most 4096). The KV cache is "
+                        "allocated up front: maps x layers x 2 x (context+64) x n_kv_heads x head_dim x dtype bytes, "
+                        "e.g. about 9.6 GB for SmolLM2-135M in fp32 with 50 maps at 4096; lower --maps or --context "
+                        "to shrink it")
     p.add_argument("--recompute", action="store_true", help="slow reference path without KV cache")
-    p.add_argument("--stitching-trials", type=int, default=d.stitching_trials, help="greedy trials after the context")
+    p.add_argument("--stitching-trials", type=int, default=d.stitching_trials,
+                   help="greedy trials after the context, one after another (trial t sees trials 0..t-1)")
     p.add_argument("--q-lr", type=float, default=d.q_lr, help="Q-learning baseline step size")
     p.add_argument("--q-gamma", type=float, default=d.q_gamma, help="Q-learning baseline discount")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="episode step limit")

@@ -195,6 +195,8 @@ def _randint(rng, low, high):
 
 
 def _random_tile(rng, p_start, p_goal, p_hole):
+    """One raw tile, before any map is filtered: P(S) = p_start, P(G) = (1 - p_start)·p_goal, P(H) =
+    (1 - p_start)(1 - p_goal)·p_hole, else F (sequential draws, as the paper's generator describes)."""
     if rng.random() < p_start:
         return "S"
     if rng.random() < p_goal:

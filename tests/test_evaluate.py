@@ -1,9 +1,11 @@
 """evaluate.py: the paper's warm-up schedule, the shared random stream, the baselines against exact values, the
-KV-cached batched model path against recomputing the whole context, the stitching context, the context-overflow
-policy, determinism, and the baselines against FINDINGS.md's numbers."""
+KV-cached batched model path against recomputing the whole context, ModelPolicy driven by an oracle Q-function, the
+stitching context, the context-overflow policy, the non-stationary map switch, determinism, loading a train.py run,
+and the baselines against FINDINGS.md's numbers."""
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -20,8 +22,9 @@ import train
 
 def tiny_model(max_seq_len=4096, seed=0):
     """A 2-layer random LLaMA over the cpu preset's tokenizer. Weights N(0, 16/fan_in): large enough that attention
-    moves the Q-values with the context (at a small init every state answers the same action) and the top two
-    Q-values stay ≥ 1e-2 apart, far above float rounding, so cached and recomputed argmaxes must agree."""
+    moves the Q-values with the context (at a small init every state answers the same action). The tests comparing
+    cached and recomputed argmaxes assert their own margin (`assert_same_q`): top-two gaps ≥ 1e-3, against ~1e-5 of
+    float difference between the two paths."""
     tokenizer = train.small_tokenizer()
     args = llama.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.n_words, ffn_dim=64,
                            rope_theta=10000.0, rope_scaling=None, max_seq_len=max_seq_len)
@@ -42,6 +45,25 @@ def exact_random_success(desc, max_steps=100):
         v = [sum(0.25 * (r + (0.0 if done else v[t])) for a in range(4) for _, t, r, done in env.P[s][a])
              for s in range(len(v))]
     return sum(v[s] for s in env.starts) / len(env.starts)
+
+
+def record_q(policy):
+    """Keeps every Q-value tensor a ModelPolicy's Q computation (cached or recompute path) returns, in call order."""
+    qs = []
+    for name in ("_q_cached", "_q_recompute"):
+        compute = getattr(policy, name)
+        setattr(policy, name, lambda rows, compute=compute: qs.append(compute(rows)) or qs[-1])
+    return qs
+
+
+def assert_same_q(cached, recomputed, min_gap=1e-3, atol=1e-4):
+    """The cached path's Q-values equal the recomputed ones within atol, and every recomputed top-two gap is ≥ min_gap
+    (> 2·atol): so the argmaxes agree for a reason that float rounding on another CPU/BLAS cannot undo."""
+    cached, recomputed = torch.cat(cached), torch.cat(recomputed)
+    top2 = recomputed.topk(2, dim=-1).values
+    gap = (top2[:, 0] - top2[:, 1]).min().item()
+    assert gap >= min_gap, f"a near tie ({gap:.2e}) makes the argmax comparison fragile: change the model seed or maps"
+    torch.testing.assert_close(cached, recomputed, atol=atol, rtol=0)
 
 
 class FixedPolicy:
@@ -185,14 +207,16 @@ def test_cached_batched_path_chooses_the_same_actions_as_recompute():
     maps = [[m] for m in frozenlake.test_maps()[:4] + frozenlake.ood_maps()[:2]]
     assert len({(len(m[0]), len(m[0][0])) for m in maps}) >= 4
     probs = evaluate.schedule(6, warmup=4)
-    logs, paths, overflows = [], [], []
+    logs, paths, overflows, qs = [], [], [], []
     for recompute in (False, True):
         policy = Recorder(evaluate.ModelPolicy(model, fmt, context=300, recompute=recompute))
+        qs.append(record_q(policy.policy))
         out = evaluate.run_episodes(policy, maps, probs, seed=2, max_steps=40)
         logs.append(policy.log)
         paths.append(out["paths"])
         overflows.append(policy.policy.overflows)
     assert logs[0] == logs[1] and paths[0] == paths[1]
+    assert_same_q(*qs)
     assert overflows[0] == overflows[1] > 0
     assert len({a for _, a in logs[0]}) > 1  # the model does not answer one constant action
 
@@ -200,13 +224,102 @@ def test_cached_batched_path_chooses_the_same_actions_as_recompute():
 def test_cached_path_matches_recompute_without_overflow():
     model, fmt = tiny_model(seed=1)
     maps = [[m] for m in frozenlake.test_maps()[5:8] + frozenlake.ood_maps()[3:4]]
-    logs = []
+    logs, qs = [], []
     for recompute in (False, True):
         policy = Recorder(evaluate.ModelPolicy(model, fmt, context=4096, recompute=recompute))
+        qs.append(record_q(policy.policy))
         evaluate.run_episodes(policy, maps, [0.0, 1.0, 1.0], seed=0, max_steps=12)
         logs.append(policy.log)
         assert policy.policy.overflows == 0
     assert logs[0] == logs[1]
+    assert_same_q(*qs)
+
+
+class OracleQModel(torch.nn.Module):
+    """A stand-in for llama.Transformer whose logit for each action word at a Q position is minus the BFS distance
+    to the goal of the state that action leads to (holes: -1000), read off the token text it is fed.
+
+    It has llama.Transformer's forward signature and cache: its "KV cache" stores each slot's token ids at their
+    positions, so the state it answers for is whatever ModelPolicy put in the cache (chunks at per-row start
+    positions, re-prefills, slot packing) and at the position ModelPolicy asks for. Which lake a row plays is not in
+    the text, so the maps given must have pairwise different start tiles: the first observation of the current
+    episode names the lake. Logits outside the Q position's action words are -1e4, so reading the wrong vocabulary
+    ids or a position that is not a Q position (it must end in the action prompt; else NaN) breaks the argmax."""
+
+    def __init__(self, tokenizer, maps, max_seq_len=4096):
+        super().__init__()
+        self.tokenizer, self.fmt = tokenizer, dqn.TrajectoryFormat.for_tokenizer(tokenizer)
+        self.args = llama.ModelArgs(vocab_size=tokenizer.n_words, max_seq_len=max_seq_len)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # ModelPolicy reads the device off the parameters
+        self.lake_of = {}
+        for desc in maps:
+            for s in frozenlake.FrozenLake(desc).starts:
+                assert s not in self.lake_of, f"start tile {s} is shared: the lake would be ambiguous"
+                self.lake_of[s] = desc
+        self.prompt = tokenizer.decode(self.fmt.action_prompt())
+
+    def new_cache(self, batch_size, max_len, device=None, dtype=None):
+        ids = lambda: torch.zeros(batch_size, 1, max_len, 1, dtype=torch.long)  # noqa: E731
+        return llama.KVCache([ids()], [ids()])
+
+    def forward(self, tokens, start_pos=0, cache=None, adapter=None, logits_at=None, vocab_ids=None):
+        B, T = tokens.shape
+        start = start_pos.tolist() if torch.is_tensor(start_pos) else [start_pos] * B
+        logits = torch.full((B, logits_at.shape[1], self.args.vocab_size), -1e4)
+        for b in range(B):
+            seen = tokens[b]
+            if cache is not None:  # write this chunk at its positions, then read the slot's whole history
+                slot = cache.k[0][b, 0, :, 0]
+                slot[start[b]:start[b] + T] = tokens[b]
+                seen = slot[:start[b] + T]
+            for p, at in enumerate(logits_at[b].tolist()):
+                logits[b, p] = self.logits(seen[:start[b] + at + 1].tolist())
+        return logits if vocab_ids is None else logits[..., vocab_ids]
+
+    def logits(self, context):
+        out = torch.full((self.args.vocab_size,), -1e4)
+        text = self.tokenizer.decode(context)
+        if not text.endswith(self.prompt):  # a padded row's junk position: ModelPolicy must never use it
+            return out.fill_(float("nan"))
+        episode = text.split("<|begin_of_text|>")[-1]
+        states = [int(x) for x in re.findall(r"observation<\|end_header_id\|>(\d+)<\|eot_id\|>", episode)]
+        assert states[0] in self.lake_of, f"the current episode starts at {states[0]}, not at a start tile"
+        desc = self.lake_of[states[0]]
+        dist = frozenlake.goal_distances(desc)
+        for a, token in enumerate(self.fmt.action_ids):
+            d = dist[frozenlake._move(desc, states[-1], a)]
+            out[token] = -1000.0 if d is None else -float(d)
+        return out
+
+
+def lakes_with_distinct_starts(n_id, n_ood):
+    """The first n_id held-out maps, then the first n_ood OOD maps, whose start tiles no earlier pick shares."""
+    chosen, used = [], set()
+    for maps, n in ((frozenlake.test_maps(), n_id), (frozenlake.ood_maps(), n_ood)):
+        for desc in maps:
+            starts = set(frozenlake.FrozenLake(desc).starts)
+            if n and not starts & used:
+                chosen.append(desc)
+                used |= starts
+                n -= 1
+    return chosen
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_model_policy_with_an_oracle_q_function_succeeds_in_every_greedy_episode(recompute):
+    """ModelPolicy's own machinery (context building, KV cache and slot packing, Q position, argmax over the action
+    ids) driving an oracle Q-function: every greedy step is a shortest-path step, on several maps in one batch and
+    through context overflows (whole episodes dropped, rows re-prefilled)."""
+    maps = lakes_with_distinct_starts(4, 2)
+    assert len({(len(m), len(m[0])) for m in maps}) >= 4 and len(maps) == 6
+    model = OracleQModel(train.small_tokenizer(), maps)
+    policy = evaluate.ModelPolicy(model, model.fmt, context=160, recompute=recompute)
+    out = evaluate.run_episodes(policy, [[m] for m in maps], [1.0] * 4, seed=3)
+    for desc, success, steps, paths in zip(maps, out["success"], out["steps"], out["paths"]):
+        assert success == [1.0] * 4
+        assert steps == [frozenlake.goal_distances(desc)[path[0]] for path in paths]  # shortest paths
+    assert len({p[0] for paths in out["paths"] for p in paths}) > len(maps)  # several starts: states from the text
+    assert policy.overflows > 0 and policy.mismatches == 0
 
 
 def test_context_overflow_is_counted_and_bounded():
@@ -265,6 +378,75 @@ def test_evaluate_writes_outputs_and_is_deterministic(tmp_path):
     for name in ("success.csv", "summary.md", "success.png"):
         assert (out_dir / name).stat().st_size > 0
     assert "context overflows" in (out_dir / "summary.md").read_text()
+
+
+class ContextAtMapSwitch(Recorder):
+    """A Recorder that also keeps each row's model context right after the first action query on its second map."""
+
+    def __init__(self, policy, per_map):
+        super().__init__(policy)
+        self.per_map, self.at_switch = per_map, {}
+
+    def greedy_actions(self, rows, maps, episodes):
+        actions = super().greedy_actions(rows, maps, episodes)
+        for row in rows:
+            if len(self.episodes.get(row, [])) == self.per_map and row not in self.at_switch:
+                self.at_switch[row] = list(self.policy.rows[row].tokens)
+        return actions
+
+
+def test_nonstationary_restarts_the_warmup_and_keeps_the_first_map_in_context():
+    cfg = evaluate.EvalConfig(experiment="nonstationary", maps=3, episodes=4, warmup=2)
+    map_sequences, probs, context = evaluate.experiment_setup("nonstationary", cfg)
+    assert probs == [0.0, 0.0, 1.0, 1.0] and context is None
+    assert [first for first, _ in map_sequences] == frozenlake.test_maps()[:3]
+    assert all(second not in frozenlake.test_maps() + frozenlake.train_maps() for _, second in map_sequences)
+    model, fmt = tiny_model()
+    policy = ContextAtMapSwitch(evaluate.ModelPolicy(model, fmt, context=2048), per_map=4)
+    out = evaluate.run_episodes(policy, map_sequences, probs, seed=4, max_steps=20)
+    assert policy.policy.overflows == 0
+    for row, (first, second) in enumerate(map_sequences):
+        greedy, steps, paths = out["greedy_steps"][row], out["steps"][row], out["paths"][row]
+        assert len(steps) == 8
+        # the schedule restarts: episodes 0-1 of each map are all random, 2-3 all greedy
+        assert greedy[0:2] == [0, 0] and greedy[4:6] == [0, 0], greedy
+        assert greedy[2:4] == steps[2:4] and greedy[6:8] == steps[6:8], (greedy, steps)
+        assert all(path[0] in frozenlake.FrozenLake(first).starts for path in paths[:4])
+        assert all(path[0] in frozenlake.FrozenLake(second).starts for path in paths[4:])
+        # the first map's 4 episodes stay in the context: at the first step on the second map it holds exactly them,
+        # then the new episode's opening
+        history = sum((dqn.tokenize_episode(ep, fmt)[0] for ep in policy.episodes[row][:4]), [])
+        opening = fmt.episode_start() + fmt.observation(paths[4][0]) + fmt.action_prompt()
+        assert policy.at_switch[row] == history + opening
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:pack_slices dropped")  # the tiny run's 160-token slices; not what is tested here
+def test_evaluate_loads_a_train_py_run(tmp_path):
+    """A tiny train.py cpu run (as in tests/test_train.py), evaluated from its run dir by evaluate.evaluate."""
+    run = train.train(train.make_config(
+        "cpu", dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=256, context_len=160, n_maps=4,
+        qlearn_runs=1, qlearn_episodes=24, sets_per_map=2, heldout_sets_per_map=1, set_min=4, set_max=8, steps=2,
+        slices_per_step=2, micro_batch=1, eval_every=0, save_every=2, progress=False, data_dir=str(tmp_path / "data"),
+        out=str(tmp_path / "run")))
+    cfg = evaluate.EvalConfig(run=str(run), experiment="id", maps=2, episodes=2, warmup=0, baseline_seeds=1,
+                              max_steps=20, progress=False)
+    report = evaluate.evaluate(cfg)
+    out_dir = run / "eval" / "id"  # the default output root: RUN/eval
+    for name in ("results.json", "success.csv", "summary.md", "success.png"):
+        assert (out_dir / name).stat().st_size > 0
+    record = json.loads((out_dir / "results.json").read_text())
+    assert set(record["policies"]) == set(report["id"]) == {"model", "random", "q-learning", "oracle"}
+    model_run = record["policies"]["model"]
+    for key in ("success", "steps", "truncated", "greedy_steps"):
+        assert [len(model_run[key])] + [len(r) for r in model_run[key][0]] == [1, 2, 2], key  # seed -> map -> episode
+    assert model_run["greedy_steps"] == model_run["steps"]  # warmup 0: every step is the model's
+    assert record["model_stats"]["context"] == 256  # the checkpoint's max_seq_len (under the 4096 cap)
+    # the model that acted is the checkpoint's: the same episodes as a ModelPolicy over train.load_policy's model
+    model, adapter, _, fmt = train.load_policy(run)
+    ref = evaluate.run_episodes(evaluate.ModelPolicy(model, fmt, adapter), [[m] for m in frozenlake.test_maps()[:2]],
+                                [1.0, 1.0], seed=0, max_steps=20)
+    assert [model_run["steps"][0], model_run["success"][0]] == [ref["steps"], ref["success"]]
 
 
 def test_stitching_experiment_draws_its_pictures(tmp_path):

@@ -270,6 +270,25 @@ def test_generator_honours_its_parameters():
     assert not {tuple(m) for m in again} & {tuple(m) for m in exclude}
 
 
+def test_raw_tile_frequencies_are_the_papers():
+    """Each raw tile (before maps are filtered for validity): start 0.1; else goal 0.1; else hole 0.2; else frozen,
+    i.e. S 0.1, G 0.09, H 0.162, F 0.648. Counted over 200,000 seeded draws, each within 5 binomial sigmas."""
+    import inspect
+    import math
+    import random
+    defaults = {k: v.default for k, v in inspect.signature(fl.generate_maps).parameters.items()}
+    assert (defaults["p_start"], defaults["p_goal"], defaults["p_hole"]) == (0.1, 0.1, 0.2)
+    n, rng = 200_000, random.Random(0)
+    counts = collections.Counter(fl._random_tile(rng, 0.1, 0.1, 0.2) for _ in range(n))
+    expected = {"S": 0.1, "G": 0.9 * 0.1, "H": 0.9 * 0.9 * 0.2, "F": 0.9 * 0.9 * 0.8}
+    assert set(counts) == set(expected)
+    for tile, p in expected.items():
+        sigma = math.sqrt(n * p * (1 - p))  # 134 for S ... 214 for F
+        assert abs(counts[tile] - n * p) < 5 * sigma, (tile, counts[tile], n * p)
+    # the order of the draws matters: goal-first would give G 0.1 and S 0.09, which this band rejects (15+ sigmas)
+    assert abs(counts["S"] - n * 0.09) > 5 * math.sqrt(n * 0.09 * 0.91)
+
+
 def test_returned_sets_are_copies():
     fl.train_maps()[0][0] = "XXXXX"
     assert fl.train_maps()[0][0] == "HFFFF"

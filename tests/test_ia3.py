@@ -2,15 +2,14 @@
 checkpoints written by transformers and read with llama.load."""
 import json
 
+import peft
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 import ia3
 import llama
-
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
@@ -225,7 +224,7 @@ def test_mismatched_adapters_fail_clearly(ckpt, tmp_path):
     peft_kv_only = peft.get_peft_model(hf_model(ckpt), peft.IA3Config(target_modules=["k_proj", "v_proj"],
                                                                       feedforward_modules=[]))
     peft_kv_only.save_pretrained(tmp_path / "kv_only")
-    with pytest.raises(ValueError, match="missing 2 of 6 vectors, e.g. .*down_proj"):
+    with pytest.raises(ValueError, match=r"target_modules is \['[kv]_proj', '[kv]_proj'\]; .*supports only"):
         ia3.IA3.from_pretrained(tmp_path / "kv_only", model)
 
     extra = load_file(tmp_path / "ours" / "adapter_model.safetensors")
@@ -236,7 +235,17 @@ def test_mismatched_adapters_fail_clearly(ckpt, tmp_path):
     with pytest.raises(ValueError, match="1 tensors this model has no place for, e.g. base_model.model.lm_head"):
         ia3.IA3.from_pretrained(tmp_path / "extra", model)
 
+    # same vectors, but the config says PEFT applied them elsewhere: refused by field name, not silently misread
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert ia3.IA3.from_pretrained(tmp_path / "ours", model) is not None
+    for field, value, shown in (("target_modules", ["q_proj", "v_proj", "down_proj"], r"\['q_proj'"),
+                                ("target_modules", "k_proj|v_proj|down_proj", "'k_proj|v_proj|down_proj'"),
+                                ("feedforward_modules", [], r"\[\]"),
+                                ("feedforward_modules", ["down_proj", "up_proj"], r"\['down_proj', 'up_proj'\]"),
+                                ("feedforward_modules", None, "None")):
+        (tmp_path / "ours" / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+        with pytest.raises(ValueError, match=f"{field} is {shown}.*; IA3.from_pretrained supports only"):
+            ia3.IA3.from_pretrained(tmp_path / "ours", model)
     (tmp_path / "ours" / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
     with pytest.raises(ValueError, match="peft_type is 'LORA'"):
         ia3.IA3.from_pretrained(tmp_path / "ours", model)

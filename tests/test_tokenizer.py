@@ -153,3 +153,27 @@ def test_smollm2_tokenizer_matches_hf(smollm2_dir):
     assert tok.n_words == 49152 and 2 in tok.stop_ids and not tok.add_bos
     with pytest.raises(ValueError, match=r"bytes \[4\] that this vocabulary cannot encode"):
         tok.encode("a\x04b")  # SmolLM2's vocabulary has no token for byte 4 (tiktoken would panic)
+
+
+def test_conversion_cache_is_versioned(tmp_path, monkeypatch):
+    """A cached conversion counts only with a marker for this converter version and this GGUF file's size."""
+    import json
+    import gguf_to_hf
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"x" * 123)
+    marker = gguf_to_hf.cache_marker(gguf)
+    assert marker == {"converter_version": gguf_to_hf.CONVERTER_VERSION, "gguf_size": 123}
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert not gguf_to_hf.cache_is_current(out, marker)  # config.json alone (old or interrupted cache): rebuild
+    (out / gguf_to_hf.MARKER).write_text(json.dumps(marker))
+    assert gguf_to_hf.cache_is_current(out, marker)
+    (out / gguf_to_hf.MARKER).write_text("{broken")
+    assert not gguf_to_hf.cache_is_current(out, marker)
+    (out / gguf_to_hf.MARKER).write_text(json.dumps(marker))
+    monkeypatch.setattr(gguf_to_hf, "CONVERTER_VERSION", gguf_to_hf.CONVERTER_VERSION + 1)
+    assert not gguf_to_hf.cache_is_current(out, gguf_to_hf.cache_marker(gguf))  # a changed converter rebuilds
+    gguf.write_bytes(b"x" * 124)
+    monkeypatch.undo()
+    assert not gguf_to_hf.cache_is_current(out, gguf_to_hf.cache_marker(gguf))  # another GGUF file rebuilds

