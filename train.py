@@ -529,6 +529,10 @@ def train(cfg: TrainConfig) -> Path:
     per_rank = cfg.slices_per_step // world
     try:
         with metrics_file.open("a") if rank == 0 else contextlib.nullcontext() as log:
+            if step == 0 and cfg.eval_every:  # the untrained model's held-out loss: what "the loss falls" is against
+                record = {"step": 0, "heldout_loss": heldout_loss(), "time": time.time()}
+                if rank == 0:
+                    log.write(json.dumps(record) + "\n")
             while step < total_steps:
                 t0 = time.perf_counter()
                 lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))  # linear warmup, then constant
@@ -595,7 +599,8 @@ def plot_losses(metrics_file: Path, png: Path):
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8, label="train TD loss")
+    trained = [r for r in rows if "loss" in r]
+    ax.plot([r["step"] for r in trained], [r["loss"] for r in trained], lw=0.8, label="train TD loss")
     held = [r for r in rows if "heldout_loss" in r]
     ax.plot([r["step"] for r in held], [r["heldout_loss"] for r in held], "o-", label="held-out TD loss (test maps)")
     ax.set(xlabel="optimizer step", ylabel="TD loss (Eq. 7)", yscale="log", title=png.parent.name)

@@ -145,6 +145,8 @@ def test_tiny_run_writes_checkpoints_metrics_png_and_loads(tmp_path):
                                                 "trainer_state.pt"}
     assert (run / "checkpoints" / "step_000002").is_dir()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    before, rows = rows[0], rows[1:]  # step 0: the untrained model's held-out loss, no training record
+    assert before["step"] == 0 and before["heldout_loss"] > 0 and "loss" not in before
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["lr"] for r in rows] == pytest.approx(
         [cfg.lr * k / 10 for k in (1, 2, 3, 4)])  # linear warmup over 10 steps
     assert all("heldout_loss" in r for r in rows[1::2]) and rows[0]["tokens_per_s"] > 0
@@ -174,7 +176,8 @@ def test_interrupt_mid_step_then_resume_equals_uninterrupted(tmp_path, monkeypat
 
     def interrupting_collate(*a, **kw):
         calls[0] += 1
-        if calls[0] == 2 * 2 + 1 + 2:  # 2 slices per step, 2 held-out slices after step 2: first slice of step 3
+        if calls[0] == 2 + 2 * 2 + 2 + 1:  # 2 held-out slices before training, 2 slices per step, 2 held-out
+            # slices after step 2, then the first slice of step 3
             raise KeyboardInterrupt
         return collate(*a, **kw)
     monkeypatch.setattr(dqn, "collate", interrupting_collate)
@@ -189,7 +192,7 @@ def test_interrupt_mid_step_then_resume_equals_uninterrupted(tmp_path, monkeypat
     oa, ob = torch.load(a / "optimizer.pt"), torch.load(b / "optimizer.pt")
     assert all(torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"]) for i in oa["state"])
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    assert steps == [0, 1, 2, 3, 4]
 
 
 def test_ctrl_c_signal_finishes_the_step_and_saves(tmp_path, monkeypatch):
