@@ -109,12 +109,15 @@ class TrajectoryFormat:
     _cache: dict = field(default_factory=dict, repr=False, compare=False)  # text -> ids
 
     @classmethod
-    def for_tokenizer(cls, tok) -> "TrajectoryFormat":
+    def for_tokenizer(cls, tok) -> "TrajectoryFormat | CompactFormat":
         """tok: llama.Tokenizer (or anything with `special_tokens: dict[str, int]` and `encode(str) -> list[int]`
-        that adds no BOS). Llama 3 special-token names give the paper's format; ChatML ones the mapping above."""
+        that adds no BOS). Llama 3 special-token names give the paper's format; ChatML ones the mapping above; a
+        vocabulary with all of COMPACT_SPECIALS (train.py's --format compact) the compact format."""
         specials = getattr(tok, "special_tokens", None)
         if not isinstance(specials, dict):
             raise TypeError(f"{type(tok).__name__} has no special_tokens dict; pass a llama.Tokenizer")
+        if all(s in specials for s in COMPACT_SPECIALS + ["<|begin_of_text|>", "<|end_of_text|>"]):
+            return CompactFormat(specials)
         sp = lambda name: [specials[name]]  # noqa: E731
         encode = tok.encode
         if all(s in specials for s in LLAMA3_FORMAT_SPECIALS):
@@ -166,8 +169,92 @@ class TrajectoryFormat:
         return (self.block("edit", "...") if truncated else []) + self.eos
 
 
+    def recap(self, ep: Episode) -> list[int]:  # the paper's format has none
+        return []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The compact format (our deviation for the small from-scratch model; see the module docstring)
+
+RECAP_TAGS = ("goal", "hole", "wall", "other")  # priority order when one (s, a) gets several tags in an episode
+COMPACT_SPECIALS = ([f"<|obs_{s}|>" for s in range(64)] + [f"<|act_{w}|>" for w in ACTION_WORDS]
+                    + ["<|goal|>", "<|truncated|>"]
+                    + [f"<|recap_{s}_{w}_{tag}|>" for s in range(64) for w in ACTION_WORDS for tag in RECAP_TAGS])
+
+
+def recap_steps(ep: Episode) -> list[tuple[int, int, str]]:
+    """Hindsight summary of a finished episode: each distinct (s, a) once, in order of its last occurrence, tagged
+    goal (the action at the last visit of s in an episode that reached a goal: together, a loop-free path to it),
+    hole (the step fell into a hole), wall (the step did not move) or other."""
+    n = len(ep.actions)
+    success = not ep.truncated and sum(ep.rewards) > 0
+    last_visit = {s: t for t, s in enumerate(ep.observations[:n])}
+    tags = {}
+    for t, (s, a, s_next) in enumerate(zip(ep.observations, ep.actions, ep.observations[1:])):
+        if t == n - 1 and not ep.truncated and not success:
+            tag = "hole"
+        elif s_next == s:
+            tag = "wall"
+        elif success and last_visit[s] == t:
+            tag = "goal"
+        else:
+            tag = "other"
+        old = tags.pop((s, a), tag)  # re-inserted: dict order = order of last occurrence
+        tags[(s, a)] = min(old, tag, key=RECAP_TAGS.index)
+    return [(s, a, tag) for (s, a), tag in tags.items()]
+
+
+@dataclass
+class CompactFormat:
+    """One token per observation, action and outcome, plus a hindsight recap of every finished episode:
+
+        <|begin_of_text|> <|obs_8|> <|act_right|> <|obs_9|> ... <|obs_15|> <|goal|> <|end_of_text|> recap...
+
+    Q position: the observation token (it predicts the action token). <|goal|> follows a rewarded step,
+    <|truncated|> an episode cut by the step limit; a hole is the last observation with neither. The recap
+    (recap_steps) is one token <|recap_S_W_TAG|> per distinct (s, a). Why: under causal attention a step cannot see
+    how its own episode ended, so a later episode can only learn "this action led to the goal" by reading a whole
+    past episode; the recap puts that outcome on each (s, a) token, one attention lookup away."""
+    ids: dict                                   # special-token name -> id
+    style: str = "compact"
+    action_ids: list[int] = field(default_factory=list)
+    bos: list[int] = field(default_factory=list)
+    eos: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.action_ids = [self.ids[f"<|act_{w}|>"] for w in ACTION_WORDS]
+        self.bos, self.eos = [self.ids["<|begin_of_text|>"]], [self.ids["<|end_of_text|>"]]
+
+    def _id(self, name: str) -> int:
+        if name not in self.ids:
+            raise ValueError(f"{name} is not in the compact vocabulary (observations 0..63: maps up to 8x8)")
+        return self.ids[name]
+
+    def episode_start(self) -> list[int]:
+        return list(self.bos)
+
+    def observation(self, obs: int) -> list[int]:
+        return [self._id(f"<|obs_{int(obs)}|>")]
+
+    def action_prompt(self) -> list[int]:  # the observation token is the Q position
+        return []
+
+    def action_word(self, a: int) -> list[int]:
+        return [self.action_ids[a]]
+
+    def reward(self, r: float) -> list[int]:  # Frozen Lake's only non-zero reward is the goal's 1
+        return [self.ids["<|goal|>"]]
+
+    def episode_end(self, truncated: bool) -> list[int]:
+        return ([self.ids["<|truncated|>"]] if truncated else []) + self.eos
+
+    def recap(self, ep: Episode) -> list[int]:
+        return [self._id(f"<|recap_{s}_{ACTION_WORDS[a]}_{tag}|>") for s, a, tag in recap_steps(ep)]
+
+
 def tokenize_episode(ep: Episode, fmt: TrajectoryFormat) -> tuple[list[int], list[int]]:
-    """One episode -> (token ids, q_positions): q_positions[t] is the index of the token whose logits are Q(h_t, ·)."""
+    """One episode -> (token ids, q_positions): q_positions[t] is the index of the token whose logits are Q(h_t, ·).
+    The recap (compact format only) follows the episode's end."""
     check_episode(ep)
     tokens = fmt.episode_start() + fmt.observation(ep.observations[0])
     q_positions = []
@@ -177,7 +264,7 @@ def tokenize_episode(ep: Episode, fmt: TrajectoryFormat) -> tuple[list[int], lis
         tokens += fmt.action_word(a) + fmt.observation(next_obs)
         if r != 0:
             tokens += fmt.reward(r)
-    tokens += fmt.episode_end(ep.truncated)
+    tokens += fmt.episode_end(ep.truncated) + fmt.recap(ep)
     return tokens, q_positions
 
 
@@ -193,6 +280,8 @@ class Slice:
     rewards: list[float] = field(default_factory=list)     # unscaled episode reward at an episode's last action, else 0
     is_last: list[bool] = field(default_factory=list)      # last action of its episode: no bootstrap
     next_index: list[int] = field(default_factory=list)    # index of the same episode's next action, -1 if last
+    to_go: list[int] = field(default_factory=list)         # actions after this one in its episode (Monte-Carlo)
+    returns: list[float] = field(default_factory=list)     # its episode's reward (0 if truncated), at every action
 
 
 def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[int]):
@@ -204,6 +293,8 @@ def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[
     s.rewards += [episode_reward if t == n - 1 else 0.0 for t in range(n)]
     s.is_last += [t == n - 1 for t in range(n)]
     s.next_index += [first + t + 1 if t < n - 1 else -1 for t in range(n)]
+    s.to_go += [n - 1 - t for t in range(n)]
+    s.returns += [episode_reward] * n
 
 
 def pack_slices(episode_sets: list[list[Episode]], fmt: TrajectoryFormat, context_len: int,
@@ -244,11 +335,12 @@ def collate(slices: list[Slice], pad_id: int) -> dict[str, torch.Tensor]:
     out = {"tokens": torch.full((B, T), pad_id, dtype=torch.long),
            "q_positions": torch.zeros(B, P, dtype=torch.long), "actions": torch.zeros(B, P, dtype=torch.long),
            "rewards": torch.zeros(B, P), "is_last": torch.ones(B, P, dtype=torch.bool),
-           "next_index": torch.full((B, P), -1, dtype=torch.long), "mask": torch.zeros(B, P, dtype=torch.bool)}
+           "next_index": torch.full((B, P), -1, dtype=torch.long), "mask": torch.zeros(B, P, dtype=torch.bool),
+           "to_go": torch.zeros(B, P, dtype=torch.long), "returns": torch.zeros(B, P)}
     for b, s in enumerate(slices):
         n = len(s.actions)
         out["tokens"][b, :len(s.tokens)] = torch.tensor(s.tokens, dtype=torch.long)
-        for key in ("q_positions", "actions", "rewards", "is_last", "next_index"):
+        for key in ("q_positions", "actions", "rewards", "is_last", "next_index", "to_go", "returns"):
             out[key][b, :n] = torch.tensor(getattr(s, key), dtype=out[key].dtype)
         out["mask"][b, :n] = True
     return out
@@ -277,6 +369,12 @@ def bellman_targets(q_online, q_target, batch, gamma=0.9, reward_scale=30.0) -> 
     bootstrap = gamma * q_target.detach().gather(1, nxt4).gather(2, best).squeeze(-1).float()  # (B, P)
     final = reward_scale * batch["rewards"].to(q_online.device).float()    # (B, P)
     return torch.where(is_last, final, bootstrap)
+
+
+def monte_carlo_targets(batch, gamma=0.9, reward_scale=30.0) -> torch.Tensor:
+    """y_t = reward_scale · γ^(T−1−t) · R: the discounted return of each action's own episode (our option, not the
+    paper's: no target network, no bootstrapping; R = 0 for failed or truncated episodes). (B, P)."""
+    return reward_scale * batch["returns"].float() * gamma ** batch["to_go"].float()
 
 
 def td_loss(q_online, targets, batch, normalize_by_mean_target=False) -> torch.Tensor:

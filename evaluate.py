@@ -262,7 +262,7 @@ class ModelPolicy:
         old = st.tokens[start:start + built]
         same = next((i for i, (x, y) in enumerate(zip(old, text)) if x != y), min(len(old), len(text)))
         st.fed = min(st.fed, start + same)
-        self.mismatches += built > 0 and old != list(text)  # the incremental text differed from the training text
+        self.mismatches += built > 0 and old != list(text[:built])  # incremental text differed from the training text
         st.tokens[start:] = list(text)
         st.past.append(len(text))
         st.cur_start, st.step_offsets, st.first_step = None, [], 0
@@ -364,11 +364,12 @@ def run_episodes(policy, map_sequences, probs, seed=0, context_episodes=None, ma
     """Every row (map sequence) plays len(probs) episodes on each of its maps; all rows step together.
 
     probs[k]: the greedy probability of the k-th episode on a map (the schedule restarts on each new map).
-    Returns per row and episode: success (reward of the episode), steps, truncated, greedy steps, and visited states."""
+    Returns per row and episode: success (reward of the episode), steps, truncated, greedy steps, visited states
+    (paths) and actions."""
     n, per_map = len(map_sequences), len(probs)
     total = per_map * len(map_sequences[0])
     envs = [[frozenlake.FrozenLake(desc, max_steps=max_steps) for desc in seq] for seq in map_sequences]
-    out = {key: [[] for _ in range(n)] for key in ("success", "steps", "truncated", "greedy_steps", "paths")}
+    out = {key: [[] for _ in range(n)] for key in ("success", "steps", "truncated", "greedy_steps", "paths", "actions")}
     policy.reset(n)
     for row, episodes in (context_episodes or {}).items():
         for ep in episodes:
@@ -401,7 +402,7 @@ def run_episodes(policy, map_sequences, probs, seed=0, context_episodes=None, ma
             if done:
                 for key, value in (("success", float(reward)), ("steps", len(ep.actions)),
                                    ("truncated", ep.truncated), ("greedy_steps", greedy_count[r]),
-                                   ("paths", ep.observations)):
+                                   ("paths", ep.observations), ("actions", ep.actions)):
                     out[key][r].append(value)
                 k[r], live[r] = k[r] + 1, None
                 if progress is not None:
@@ -473,7 +474,7 @@ def write_outputs(out_dir, name, cfg, setup, results, model_stats):
     record = {"experiment": name, "config": asdict(cfg), "maps": map_sequences, "greedy_probability": probs,
               "model_stats": model_stats,
               "summary": {p: {k: v for k, v in s.items() if k != "curve"} for p, s in summaries.items()},
-              "policies": {p: {k: v for k, v in res.items() if k != "paths" or name == "stitching"}
+              "policies": {p: {k: v for k, v in res.items() if k not in ("paths", "actions") or name == "stitching"}
                            for p, res in results.items()}}
     _atomic_write(os.path.join(out_dir, "results.json"), lambda f: json.dump(record, f, indent=1))
 

@@ -98,6 +98,11 @@ class TrainConfig:
     heldout_sets_per_map: int = option(1, "episode sets per held-out map (frozenlake.test_maps()), held-out loss")
     data_seed: int = option(0, "seed of the Q-learning runs and of the set sampling")
     context_len: int = option(1024, "tokens per slice (paper: 4096)")
+    format: str = option("paper", "cpu model's trajectory format: paper (the paper's text blocks) or compact (one "
+                     "token per observation/action/outcome + a hindsight recap per episode, dqn.CompactFormat)",
+                     choices=("paper", "compact"))
+    relabel_states: bool = option(False, "rename the states of each training set by a random permutation of 0..63, "
+                                  "so only the context can tell what a state number means (held-out data is not)")
     # optimisation
     steps: int | None = option(240, "optimizer steps (0: `epochs` passes over the slices)")
     epochs: float = option(1.0, "passes over the data when --steps is 0 (paper: 1)")
@@ -110,7 +115,15 @@ class TrainConfig:
     gamma: float = option(0.9, "discount γ of the Bellman targets (paper: 0.9)")
     reward_scale: float = option(30.0, "episode reward x this in the targets, to match the logit scale (paper: 30)")
     alpha: float = option(0.1, "Polyak rate: target <- α·online + (1-α)·target after every step (paper: 0.1)")
+    targets: str = option("dqn", "regression targets: dqn (the paper's double-DQN bootstrap, Eq. 6) or mc (the "
+                          "discounted return of the action's episode: no target network)", choices=("dqn", "mc"))
     normalize_by_mean_target: bool = option(False, "divide the TD error by the detached mean target (authors' code)")
+    # online rollouts (the paper's proposed fix for looping, §4.6; not in its experiments)
+    online_every: int = option(0, "every N steps the current model plays --online-maps training maps under the "
+                               "evaluation schedule (30 episodes, ε warm-up); its episodes join the data (0: off)")
+    online_maps: int = option(50, "training maps per online round (a fresh random draw each round)")
+    online_share: float = option(0.5, "share of each step's slices drawn from the newest --online-keep rounds")
+    online_keep: int = option(4, "online rounds kept in the pool (older ones are forgotten)")
     # bookkeeping
     eval_every: int = option(40, "held-out TD loss every N steps (0: only at the end)")
     eval_slices: int = option(8, "held-out slices per evaluation")
@@ -128,7 +141,8 @@ PAPER = dict(context_len=4096, slices_per_step=10, micro_batch=1, lr=1e-2, warmu
              sets_per_map=58,  # 250 maps x 58 sets x ~2.7k tokens ≈ the paper's 39M tokens, ≈ 956 steps
              eval_every=50, eval_slices=20, save_every=100, heldout_sets_per_map=2)
 PRESETS = {"cpu": {}, "smollm2": dict(PAPER), "llama3.1-8b": dict(PAPER)}
-MODEL_FIELDS = ("preset", "model_dir", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")
+MODEL_FIELDS = ("preset", "format", "model_dir", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
+                "max_seq_len")
 
 
 def make_config(preset="cpu", **overrides) -> TrainConfig:
@@ -294,21 +308,46 @@ def load_episode_sets(cfg: TrainConfig, split: str) -> list[list[dqn.Episode]]:
     return [[dqn.Episode(*data["episodes"][m][r][i]) for i in chosen] for m, r, chosen in data["sets"]]
 
 
+def play_maps(model, adapter, fmt, maps, context_len, seed) -> list[list[dqn.Episode]]:
+    """The model's own episodes: each map played for 30 episodes under evaluate.py's warm-up schedule (the model's
+    greedy action with probability floor(k/2)/10, else random; greedy from episode 20), one set per map."""
+    import evaluate  # here, not at the top: evaluate.py imports this module
+    was_training = model.training
+    model.eval()
+    policy = evaluate.ModelPolicy(model, fmt, adapter, context=context_len)
+    out = evaluate.run_episodes(policy, [[m] for m in maps], evaluate.schedule(30), seed=seed)
+    model.train(was_training)
+    return [[dqn.Episode(obs, acts, [0.0] * (len(acts) - 1) + [won], trunc)
+             for obs, acts, won, trunc in zip(out["paths"][r], out["actions"][r], out["success"][r],
+                                              out["truncated"][r])] for r in range(len(maps))]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The policy: a small random-init LLaMA (cpu) or a frozen base + IA3 adapter; the target network beside it.
 
-def small_tokenizer() -> llama.Tokenizer:
+def small_tokenizer(fmt: str = "paper") -> llama.Tokenizer:
     """Bytes plus merges that make every text piece of the trajectory format (dqn.FORMAT_TEXTS: roles, action words,
     "...", numbers 0-63) one token, and the Llama 3 special-token names (ids after the ranks). Each piece's prefixes
-    are ranked in order, so byte-pair merging reaches the whole piece."""
+    are ranked in order, so byte-pair merging reaches the whole piece. fmt "compact" adds dqn.COMPACT_SPECIALS."""
     ranks = {bytes([b]): b for b in range(256)}
     for text in dqn.FORMAT_TEXTS:
         for k in range(2, len(text) + 1):
             ranks.setdefault(text[:k].encode(), len(ranks))
-    return llama.Tokenizer.from_ranks(ranks, llama.LLAMA3_PATTERN, llama.LLAMA3_SPECIALS)
+    specials = llama.LLAMA3_SPECIALS + (dqn.COMPACT_SPECIALS if fmt == "compact" else [])
+    return llama.Tokenizer.from_ranks(ranks, llama.LLAMA3_PATTERN, specials)
 
 
-def small_model(cfg: TrainConfig, vocab_size: int) -> llama.Transformer:
+def relabel_states(episode_sets: list[list[dqn.Episode]], rng: random.Random) -> list[list[dqn.Episode]]:
+    """Each set's states renamed by its own random permutation of 0..63 (the dynamics are unchanged)."""
+    out = []
+    for episodes in episode_sets:
+        perm = rng.sample(range(64), 64)
+        out.append([dqn.Episode([perm[s] for s in e.observations], e.actions, e.rewards, e.truncated)
+                    for e in episodes])
+    return out
+
+
+def small_model(cfg: TrainConfig, vocab_size: int, specials: dict | None = None) -> llama.Transformer:
     args = llama.ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                            vocab_size=vocab_size, ffn_dim=cfg.ffn_dim, rope_theta=10000.0, rope_scaling=None,
                            max_seq_len=cfg.max_seq_len)
@@ -317,15 +356,30 @@ def small_model(cfg: TrainConfig, vocab_size: int) -> llama.Transformer:
     for p in model.parameters():
         if p.dim() == 2:  # GPT-2 / nanoGPT init; norms stay at one
             torch.nn.init.normal_(p, std=0.02)
+    if specials is not None and all(s in specials for s in dqn.COMPACT_SPECIALS):
+        compose_recap_embeddings(model.tok_embeddings.weight.data, specials)
     return model
+
+
+def compose_recap_embeddings(emb: torch.Tensor, specials: dict):
+    """Initialise each recap token's embedding as e(obs_s) + e(act_a) + e(tag) (a fresh random vector per tag), so
+    that at step 0 a recap token already contains its state's and action's vectors: "find the recap tokens of my
+    state" is then one bilinear form shared by all states, not 64 × 16 unrelated pairs to discover (trained freely
+    afterwards)."""
+    tags = {tag: torch.randn(emb.shape[1]) * 0.02 for tag in dqn.RECAP_TAGS}
+    for s in range(64):
+        for w in dqn.ACTION_WORDS:
+            for tag in dqn.RECAP_TAGS:
+                emb[specials[f"<|recap_{s}_{w}_{tag}|>"]] = (emb[specials[f"<|obs_{s}|>"]] + emb[specials[f"<|act_{w}|>"]]
+                                                             + tags[tag])
 
 
 def build_policy(cfg: TrainConfig, device, checkpoint: Path | None = None):
     """-> (model, adapter or None, target model, target adapter or None, tokenizer), fresh or from a checkpoint."""
     if cfg.preset == "cpu":
         if checkpoint is None:
-            tokenizer = small_tokenizer()
-            model = small_model(cfg, tokenizer.n_words)
+            tokenizer = small_tokenizer(cfg.format)
+            model = small_model(cfg, tokenizer.n_words, tokenizer.special_tokens)
         else:
             tokenizer, model = llama.Tokenizer(checkpoint / "model"), llama.load(checkpoint / "model")
         target = copy.deepcopy(model) if checkpoint is None else llama.load(checkpoint / "target")
@@ -352,7 +406,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return Path(run_dir) / latest.read_text().strip() if latest.is_file() else None
 
 
-def save_checkpoint(run_dir: Path, cfg, step, model, adapter, target, target_adapter, tokenizer, optimizer):
+def save_checkpoint(run_dir: Path, cfg, step, model, adapter, target, target_adapter, tokenizer, optimizer,
+                    online_sets=()):
     final = run_dir / "checkpoints" / f"step_{step:06d}"
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
@@ -368,7 +423,8 @@ def save_checkpoint(run_dir: Path, cfg, step, model, adapter, target, target_ada
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"step": step, "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                    "data_order": {"seed": cfg.seed, "next_slice": step * cfg.slices_per_step}},
+                    "data_order": {"seed": cfg.seed, "next_slice": step * cfg.slices_per_step},
+                    "online_sets": online_sets},
                    tmp / "trainer_state.pt")
         if final.exists():  # the same step saved twice (periodic + final): replace it
             shutil.rmtree(final)
@@ -422,11 +478,15 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
 
 
 def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, autocast):
-    """Eq. 6-7 on one collated batch: online Q (with grad), target Q (no grad), double-DQN targets, MSE."""
+    """Eq. 6-7 on one collated batch: online Q (with grad), target Q (no grad), double-DQN targets, MSE
+    (--targets mc: the Monte-Carlo returns instead, no target forward)."""
     with autocast():
         q_online = dqn.q_values(model, batch["tokens"], batch["q_positions"], action_ids, adapter)  # (B, P, 4)
-        with torch.no_grad():
-            q_target = dqn.q_values(target, batch["tokens"], batch["q_positions"], action_ids, target_adapter)
+    if cfg.targets == "mc":
+        return dqn.td_loss(q_online, dqn.monte_carlo_targets(batch, cfg.gamma, cfg.reward_scale), batch,
+                           cfg.normalize_by_mean_target)
+    with autocast(), torch.no_grad():
+        q_target = dqn.q_values(target, batch["tokens"], batch["q_positions"], action_ids, target_adapter)
     targets = dqn.bellman_targets(q_online, q_target, batch, cfg.gamma, cfg.reward_scale)  # (B, P), no grad
     return dqn.td_loss(q_online, targets, batch, cfg.normalize_by_mean_target)
 
@@ -452,7 +512,10 @@ def train(cfg: TrainConfig) -> Path:
     model, adapter, target, target_adapter, tokenizer = build_policy(cfg, device, resume_from)
     fmt = dqn.TrajectoryFormat.for_tokenizer(tokenizer)
     pad_id = fmt.eos[0]  # right padding: causal attention keeps real tokens from seeing it
-    slices = dqn.pack_slices(load_episode_sets(cfg, "train"), fmt, cfg.context_len, random.Random(cfg.seed))
+    train_sets = load_episode_sets(cfg, "train")
+    if cfg.relabel_states:
+        train_sets = relabel_states(train_sets, random.Random(f"{cfg.seed}/relabel"))
+    slices = dqn.pack_slices(train_sets, fmt, cfg.context_len, random.Random(cfg.seed))
     heldout = dqn.pack_slices(load_episode_sets(cfg, "heldout"), fmt, cfg.context_len, random.Random(cfg.seed))
     heldout = heldout[:cfg.eval_slices][rank::world]
     total_steps = cfg.steps or max(1, int(cfg.epochs * len(slices) // cfg.slices_per_step))
@@ -462,11 +525,11 @@ def train(cfg: TrainConfig) -> Path:
     online_params = list((adapter or model).parameters())
     target_params = list((target_adapter or target).parameters())
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-    step = 0
+    step, online_sets = 0, []  # online_sets: per kept round (step, its episode sets), newest last
     if resume_from is not None:
         optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location=device))
         state = torch.load(resume_from / "trainer_state.pt", weights_only=False)
-        step = state["step"]
+        step, online_sets = state["step"], state.get("online_sets", [])
         random.setstate(state["python_rng"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
@@ -483,7 +546,22 @@ def train(cfg: TrainConfig) -> Path:
             order = list(range(len(slices)))
             random.Random(f"{cfg.seed}/epoch{epoch}").shuffle(order)
             out.append(slices[order[i]])
+        if online_pool:  # the last share of the step's slices come from the model's own episodes instead
+            n = round(cfg.online_share * cfg.slices_per_step)
+            out[len(out) - n:] = random.Random(f"{cfg.seed}/online-pick{s}").choices(online_pool, k=n)
         return out
+
+    def online_round():  # every rank plays the same maps with the same weights: identical pools, no communication
+        maps = random.Random(f"{cfg.seed}/online{step}").sample(frozenlake.train_maps()[:cfg.n_maps],
+                                                               min(cfg.online_maps, cfg.n_maps))
+        online_sets.append((step, play_maps(model, adapter, fmt, maps, cfg.context_len, seed=step)))
+        del online_sets[:-cfg.online_keep]
+        return pack_online()
+
+    def pack_online():
+        return [sl for s, sets in online_sets
+                for sl in dqn.pack_slices(sets, fmt, cfg.context_len, random.Random(f"{cfg.seed}/online{s}"))]
+    online_pool = pack_online()
 
     def to_device(batch):
         return {k: v.to(device) for k, v in batch.items()}
@@ -501,7 +579,8 @@ def train(cfg: TrainConfig) -> Path:
 
     def save():  # rank 0 writes, the others wait so that no rank runs ahead of a checkpoint
         if rank == 0:
-            save_checkpoint(run_dir, cfg, step, model, adapter, target, target_adapter, tokenizer, optimizer)
+            save_checkpoint(run_dir, cfg, step, model, adapter, target, target_adapter, tokenizer, optimizer,
+                            online_sets)
         if world > 1:
             dist.barrier()
         return run_dir / "checkpoints" / f"step_{step:06d}"
@@ -535,6 +614,13 @@ def train(cfg: TrainConfig) -> Path:
                 if rank == 0:
                     log.write(json.dumps(record) + "\n")
             while step < total_steps:
+                if cfg.online_every and step % cfg.online_every == 0 and step > 0:
+                    t_play = time.perf_counter()
+                    online_pool = online_round()
+                    won = [e.rewards[-1] for _, sets in online_sets[-1:] for eps in sets for e in eps[20:]]
+                    if rank == 0:
+                        log.write(json.dumps({"step": step, "online_greedy_success": sum(won) / max(len(won), 1),
+                                              "online_seconds": time.perf_counter() - t_play}) + "\n")
                 t0 = time.perf_counter()
                 lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))  # linear warmup, then constant
                 for group in optimizer.param_groups:

@@ -344,3 +344,58 @@ def test_one_optimizer_step_lowers_the_td_loss():
             after = dqn.td_loss(dqn.q_values(model, batch["tokens"], batch["q_positions"], fmt.action_ids), y, batch,
                                 normalize_by_mean_target=normalize)
         assert after < loss.detach(), (normalize, float(loss), float(after))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The compact format and its hindsight recap
+
+@pytest.fixture(scope="module")
+def compact():
+    import train
+    tok = train.small_tokenizer("compact")
+    return tok, dqn.TrajectoryFormat.for_tokenizer(tok)
+
+
+def test_recap_tags_by_hand():
+    # success with a loop: 0 -right-> 1 -left-> 0 -right-> 1 -down-> 5 -down-> 5 (wall) -right-> 6 (goal)
+    looped = Episode([0, 1, 0, 1, 5, 5, 6], [RIGHT, LEFT, RIGHT, DOWN, DOWN, RIGHT], [0, 0, 0, 0, 0, 1.0], False)
+    # (0,right) last occurs at t=2, the last visit of 0: goal; (1,left) at t=1 is not 1's last visit: other;
+    # (1,down) at t=3: goal; (5,down) stayed: wall; (5,right) at t=5, 5's last visit: goal. Order = last occurrence.
+    assert dqn.recap_steps(looped) == [(1, LEFT, "other"), (0, RIGHT, "goal"), (1, DOWN, "goal"), (5, DOWN, "wall"),
+                                       (5, RIGHT, "goal")]
+    hole = Episode([4, 4, 5, 9], [LEFT, RIGHT, DOWN], [0, 0, 0], False)  # a wall, a step, then a hole
+    assert dqn.recap_steps(hole) == [(4, LEFT, "wall"), (4, RIGHT, "other"), (5, DOWN, "hole")]
+    # truncated: the last step is no hole; a repeated (s, a) keeps its strongest tag, at its last occurrence
+    assert dqn.recap_steps(TRUNCATED) == [(8, LEFT, "wall"), (8, UP, "other")]
+    assert dqn.recap_steps(Episode([2, 2, 2], [UP, UP], [0, 0], True)) == [(2, UP, "wall")]
+
+
+def test_compact_text_q_positions_and_recap(compact):
+    tok, fmt = compact
+    assert type(fmt).__name__ == "CompactFormat" and fmt.style == "compact"
+    tokens, q_positions = dqn.tokenize_episode(SUCCESS, fmt)
+    assert tok.decode(tokens) == ("<|begin_of_text|><|obs_8|><|act_right|><|obs_9|><|act_down|><|obs_13|>"
+                                  "<|act_right|><|obs_14|><|goal|><|end_of_text|>"
+                                  "<|recap_8_right_goal|><|recap_9_down_goal|><|recap_13_right_goal|>")
+    # Q(h_t, ·) is read at s_t's token, which predicts a_t's token
+    assert [tokens[p] for p in q_positions] == fmt.observation(8) + fmt.observation(9) + fmt.observation(13)
+    assert [tokens[p + 1] for p in q_positions] == [fmt.action_ids[a] for a in SUCCESS.actions]
+    tokens, _ = dqn.tokenize_episode(TRUNCATED, fmt)
+    assert tok.decode(tokens).endswith("<|obs_4|><|truncated|><|end_of_text|><|recap_8_left_wall|><|recap_8_up_other|>")
+    with pytest.raises(ValueError, match="observations 0..63"):
+        fmt.observation(64)
+
+
+def test_compact_recap_embeddings_start_composed():
+    import train
+    tok = train.small_tokenizer("compact")
+    model = train.small_model(train.make_config(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64),
+                              tok.n_words, tok.special_tokens)
+    e = model.tok_embeddings.weight.detach()
+    sp = tok.special_tokens
+    tag = {t: e[sp[f"<|recap_3_left_{t}|>"]] - e[sp["<|obs_3|>"]] - e[sp["<|act_left|>"]] for t in dqn.RECAP_TAGS}
+    for s, w in ((0, "up"), (63, "down")):
+        for t in dqn.RECAP_TAGS:  # the same tag vector in every recap token of that tag
+            torch.testing.assert_close(e[sp[f"<|recap_{s}_{w}_{t}|>"]] - e[sp[f"<|obs_{s}|>"]] - e[sp[f"<|act_{w}|>"]],
+                                       tag[t])
+    assert not torch.allclose(tag["goal"], tag["hole"])

@@ -298,3 +298,31 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     a, b = weights(one / "checkpoints" / "step_000003"), weights(Path(cfg.out) / "checkpoints" / "step_000003")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_compact_online_run_plays_its_own_episodes_and_resumes_exactly(tmp_path):
+    """--format compact --relabel-states --targets mc --online-every 2: the model plays 2 training maps at step 2
+    (30 episodes each, the evaluation schedule), half of each later step's slices come from those episodes, and a run
+    stopped at step 2 then resumed equals the straight run (the online pool is in the checkpoint)."""
+    kw = dict(format="compact", relabel_states=True, targets="mc", online_every=2, online_maps=2, steps=4)
+    straight = train.train(tiny(tmp_path / "a", **kw))
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    online = [r for r in rows if "online_greedy_success" in r]
+    assert [r["step"] for r in online] == [2] and 0.0 <= online[0]["online_greedy_success"] <= 1.0
+    state = torch.load(straight / "checkpoints" / "step_000004" / "trainer_state.pt", weights_only=False)
+    (played_at, sets), = state["online_sets"]
+    assert played_at == 2 and len(sets) == 2 and all(len(eps) == 30 for eps in sets)
+    for desc, eps in zip(random.Random("0/online2").sample(frozenlake.train_maps()[:4], 2), sets):
+        for ep in eps:  # real episodes of that map: replaying the actions reproduces the states and the outcome
+            env = frozenlake.FrozenLake(desc)
+            env.reset(seed=0)
+            env.s = ep.observations[0]
+            for a, s_next in zip(ep.actions, ep.observations[1:]):
+                assert env.step(a)[0] == s_next
+    model, _, tok, fmt = train.load_policy(straight)
+    assert type(fmt).__name__ == "CompactFormat"
+
+    train.train(tiny(tmp_path / "b", **{**kw, "steps": 2}))
+    resumed = train.train(tiny(tmp_path / "b", **{**kw, "resume": True}))
+    wa, wb = (weights(r / "checkpoints" / "step_000004") for r in (straight, resumed))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
