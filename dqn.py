@@ -49,7 +49,15 @@ slice. Every action therefore has its next action (or its episode's end) in the 
 episode longer than the context alone cannot be placed: it is dropped and a warning gives the number dropped and the
 actions lost (a looping 100-step episode is ≈ 1000 tokens in this format).
 
-Deviations and options: `td_loss(normalize_by_mean_target=True)` divides each sequence's error by the detached mean
+The compact format (`CompactFormat`, our deviation for the small from-scratch model; the paper's text stays the
+default of the IA3 presets): one special token per observation, action and outcome (≈ 2 tokens per step instead of
+≈ 10), and after each finished episode a hindsight recap, one token per distinct (state, action) tagged goal / hole /
+wall / other (`recap_steps`). A causal model cannot see, at a step, how that step's episode ended; the recap writes
+the outcome onto the (state, action) so that a later episode finds "this action from this state reached the goal" in
+one attention lookup. It is built from the episode alone (no map knowledge), so it is available at evaluation time.
+
+Deviations and options: `monte_carlo_targets` regresses Q on the discounted return of the action's own episode
+(y = reward_scale · γ^(T−1−t) · R) instead of Eq. 6, without a target network; `td_loss(normalize_by_mean_target=True)` divides each sequence's error by the detached mean
 |target| of that sequence, as the authors' code does (the paper does not mention it); the mean is floored at 1 so a
 sequence of all-zero targets (only failures) does not blow up. Padded action slots of a batch are masked out.
 """

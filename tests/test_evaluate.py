@@ -20,12 +20,12 @@ import train
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
 
-def tiny_model(max_seq_len=4096, seed=0):
+def tiny_model(max_seq_len=4096, seed=0, fmt="paper"):
     """A 2-layer random LLaMA over the cpu preset's tokenizer. Weights N(0, 16/fan_in): large enough that attention
     moves the Q-values with the context (at a small init every state answers the same action). The tests comparing
     cached and recomputed argmaxes assert their own margin (`assert_same_q`): top-two gaps ≥ 1e-3, against ~1e-5 of
     float difference between the two paths."""
-    tokenizer = train.small_tokenizer()
+    tokenizer = train.small_tokenizer(fmt)
     args = llama.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.n_words, ffn_dim=64,
                            rope_theta=10000.0, rope_scaling=None, max_seq_len=max_seq_len)
     torch.manual_seed(seed)
@@ -186,9 +186,11 @@ def test_baselines_on_the_50_id_maps_land_near_findings():
 # ---------------------------------------------------------------------------------------------------------------------
 # the model path
 
-def test_context_text_is_dqn_tokenize_episode():
-    """The context built step by step is exactly the training text: tokenize_episode of each finished episode."""
-    model, fmt = tiny_model()
+@pytest.mark.parametrize("fmt_name", ["paper", "compact"])
+def test_context_text_is_dqn_tokenize_episode(fmt_name):
+    """The context built step by step is exactly the training text: tokenize_episode of each finished episode (for the
+    compact format, the recap joins the context when the episode ends)."""
+    model, fmt = tiny_model(fmt=fmt_name)
     policy = Recorder(evaluate.ModelPolicy(model, fmt, context=100_000))
     maps = [[m] for m in frozenlake.test_maps()[:3]]
     evaluate.run_episodes(policy, maps, [0.0, 0.0, 0.5], seed=1, max_steps=20)
@@ -221,8 +223,9 @@ def test_cached_batched_path_chooses_the_same_actions_as_recompute():
     assert len({a for _, a in logs[0]}) > 1  # the model does not answer one constant action
 
 
-def test_cached_path_matches_recompute_without_overflow():
-    model, fmt = tiny_model(seed=1)
+@pytest.mark.parametrize("fmt_name", ["paper", "compact"])
+def test_cached_path_matches_recompute_without_overflow(fmt_name):
+    model, fmt = tiny_model(seed={"paper": 1, "compact": 2}[fmt_name], fmt=fmt_name)  # seeds without near ties
     maps = [[m] for m in frozenlake.test_maps()[5:8] + frozenlake.ood_maps()[3:4]]
     logs, qs = [], []
     for recompute in (False, True):

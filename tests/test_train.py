@@ -121,6 +121,10 @@ def test_bad_input_fails_before_any_work(tmp_path):
         train.train(tiny(tmp_path, context_len=512))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train.train(tiny(tmp_path, resume=True))
+    with pytest.raises(ValueError, match="--format compact needs the cpu preset"):
+        train.train(train.make_config("smollm2", format="compact", data_dir=str(tmp_path / "d")))
+    with pytest.raises(ValueError, match="0 <= online_share <= 1"):
+        train.train(tiny(tmp_path, online_every=5, online_share=1.5))
     ckpt = tmp_path / "run" / "checkpoints" / "step_000002"  # a checkpoint of another model shape
     ckpt.mkdir(parents=True)
     (ckpt / "train_config.json").write_text(json.dumps({**json.loads(json.dumps(tiny(tmp_path).__dict__)), "dim": 64}))
@@ -157,7 +161,8 @@ def test_tiny_run_writes_checkpoints_metrics_png_and_loads(tmp_path):
 
     # load_policy round trip, checked against transformers reading the same checkpoint dir
     model, adapter, tok, fmt = train.load_policy(run)
-    assert adapter is None and fmt.action_ids == dqn.TrajectoryFormat.for_tokenizer(train.small_tokenizer()).action_ids
+    assert adapter is None and fmt.action_ids == dqn.TrajectoryFormat.for_tokenizer(
+        train.small_tokenizer(cfg.format)).action_ids
     import transformers
     hf = transformers.LlamaForCausalLM.from_pretrained(ckpt / "model").eval()
     tokens, qp = dqn.tokenize_episode(dqn.Episode([0, 1, 2], [2, 2], [0.0, 1.0]), fmt)
