@@ -140,7 +140,8 @@ class TrainConfig:
 
 
 PAPER = dict(format="paper", targets="dqn", context_len=4096, slices_per_step=10, micro_batch=1, lr=1e-2,
-             warmup_steps=10, weight_decay=0.01, grad_clip=0.0, gamma=0.9, reward_scale=30.0, alpha=0.1, steps=0, epochs=1.0,
+             warmup_steps=10, weight_decay=0.01, grad_clip=0.0, gamma=0.9, reward_scale=30.0, alpha=0.1, steps=0,
+             epochs=1.0,
              sets_per_map=58,  # 250 maps x 58 sets x ~2.7k tokens ≈ the paper's 39M tokens, ≈ 956 steps
              eval_every=50, eval_slices=20, save_every=100, heldout_sets_per_map=2)
 PRESETS = {"cpu": {}, "smollm2": dict(PAPER), "llama3.1-8b": dict(PAPER)}
@@ -379,8 +380,8 @@ def compose_recap_embeddings(emb: torch.Tensor, specials: dict):
     for s in range(64):
         for w in dqn.ACTION_WORDS:
             for tag in dqn.RECAP_TAGS:
-                emb[specials[f"<|recap_{s}_{w}_{tag}|>"]] = (emb[specials[f"<|obs_{s}|>"]] + emb[specials[f"<|act_{w}|>"]]
-                                                             + tags[tag])
+                state, action = emb[specials[f"<|obs_{s}|>"]], emb[specials[f"<|act_{w}|>"]]
+                emb[specials[f"<|recap_{s}_{w}_{tag}|>"]] = state + action + tags[tag]
 
 
 def build_policy(cfg: TrainConfig, device, checkpoint: Path | None = None):
