@@ -23,12 +23,14 @@ Deliberate deviations from the paper (arXiv 2501.14176):
 - The paper's "traditional RL algorithm" for the data is unpublished; we use tabular Q-learning (ε linear 1 -> 0.05).
 - cpu preset: all weights of a small random-init model are trained (IA3 only rescales activations of a model that
   already computes something; on random weights it cannot learn), lr 3e-3 with gradient clipping 1.0, a built-in
-  vocabulary (bytes + merges for dqn.FORMAT_TEXTS + the Llama 3 special-token names + dqn.COMPACT_SPECIALS).
+  vocabulary (bytes + merges for dqn.FORMAT_TEXTS + the Llama 3 special-token names + dqn.COMPACT_SPECIALS), RoPE
+  base 500000 as in Llama 3.1 but without its long-context scaling (the contexts stay far below 8192 tokens).
   By default it writes the compact format with hindsight recaps (dqn.CompactFormat) and regresses on Monte-Carlo
-  returns (--targets mc): with the paper's text and double-DQN targets this small model never learned from its
-  context on the CPU (README, Results: 0.09 greedy success vs 0.25). `--format paper --targets dqn --lr 1e-3` is
-  the paper's recipe on the same model.
+  returns (--targets mc), the best of what we measured on the CPU, though neither recipe learns reliably from its
+  context at this scale (README, Results). `--format paper --targets dqn --lr 1e-3` is the paper's recipe on the
+  same model.
 - Optional online rounds (--online-every): the model's own episodes join the data (the paper's §4.6 proposal).
+- Optional --set-order chronological keeps the Q-learner's episode order inside a set (the paper shuffles).
 - Held-out TD loss is measured on data generated the same way on frozenlake.test_maps() (50 maps, disjoint from
   the training maps), not on a split of the training maps.
 - Slices inside one forward pass (`micro_batch` > 1) share one mean over their action positions; the paper's 10
@@ -86,6 +88,8 @@ class TrainConfig:
     n_kv_heads: int = option(2, "cpu model: key/value heads (GQA)")
     ffn_dim: int = option(384, "cpu model: SwiGLU hidden width")
     max_seq_len: int = option(1024, "cpu model: longest context it is built for (context_len must fit)")
+    rope_theta: float = option(500000.0, "cpu model: RoPE base (Llama 3.1's 500000; 10000 leaves a 32-dim head only "
+                               "~4 dims that rotate slowly enough to match a state token 1000 positions back)")
     # data: tabular Q-learning histories, sets of episodes of one map
     data_dir: str = option("runs/data", "cache of generated episodes (one subdir per data config, with a manifest)")
     n_maps: int = option(250, "use the first n of frozenlake.train_maps() (250 = the paper's)")
@@ -98,6 +102,8 @@ class TrainConfig:
     set_max: int = option(40, "most episodes in a set (paper: 40)")
     quality: str = option("mid", "data quality: hi = successes 5x more likely sampled, low = failures 5x, mid = even",
                       choices=("hi", "mid", "low"))
+    set_order: str = option("shuffled", "episode order inside a set: shuffled (the paper) or chronological (the "
+                            "Q-learner's order, as in Algorithm Distillation)", choices=("shuffled", "chronological"))
     heldout_sets_per_map: int = option(1, "episode sets per held-out map (frozenlake.test_maps()), held-out loss")
     data_seed: int = option(0, "seed of the Q-learning runs and of the set sampling")
     context_len: int = option(1024, "tokens per slice (paper: 4096)")
@@ -146,7 +152,7 @@ PAPER = dict(format="paper", targets="dqn", context_len=4096, slices_per_step=10
              eval_every=50, eval_slices=20, save_every=100, heldout_sets_per_map=2)
 PRESETS = {"cpu": {}, "smollm2": dict(PAPER), "llama3.1-8b": dict(PAPER)}
 MODEL_FIELDS = ("preset", "format", "model_dir", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
-                "max_seq_len")
+                "max_seq_len", "rope_theta")
 
 
 def make_config(preset="cpu", **overrides) -> TrainConfig:
@@ -315,7 +321,8 @@ def load_episode_sets(cfg: TrainConfig, split: str) -> list[list[dqn.Episode]]:
                     "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         _atomic_write_text(manifest_file, json.dumps(manifest, indent=1))
     data = json.loads(text)
-    return [[dqn.Episode(*data["episodes"][m][r][i]) for i in chosen] for m, r, chosen in data["sets"]]
+    order = sorted if cfg.set_order == "chronological" else list  # the stored sets are shuffled
+    return [[dqn.Episode(*data["episodes"][m][r][i]) for i in order(chosen)] for m, r, chosen in data["sets"]]
 
 
 def play_maps(model, adapter, fmt, maps, context_len, seed) -> list[list[dqn.Episode]]:
@@ -359,7 +366,7 @@ def relabel_states(episode_sets: list[list[dqn.Episode]], rng: random.Random) ->
 
 def small_model(cfg: TrainConfig, vocab_size: int, specials: dict | None = None) -> llama.Transformer:
     args = llama.ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                           vocab_size=vocab_size, ffn_dim=cfg.ffn_dim, rope_theta=10000.0, rope_scaling=None,
+                           vocab_size=vocab_size, ffn_dim=cfg.ffn_dim, rope_theta=cfg.rope_theta, rope_scaling=None,
                            max_seq_len=cfg.max_seq_len)
     torch.manual_seed(cfg.seed)
     model = llama.Transformer(args)

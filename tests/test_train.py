@@ -88,6 +88,22 @@ def test_data_deterministic_cached_and_quality(tmp_path, monkeypatch):
     assert len(list((tmp_path / "data").glob("train-*"))) == 4  # one dir per data config
 
 
+def test_chronological_sets_keep_the_q_learners_order(tmp_path):
+    """--set-order chronological: the same episodes as the (shuffled) default sets, in the order the Q-learner played
+    them, so successes pile up towards the end of a set (a learning history, as in Algorithm Distillation)."""
+    shuffled = train.load_episode_sets(tiny(tmp_path, n_maps=30, set_min=20, set_max=20), "train")
+    chrono = train.load_episode_sets(tiny(tmp_path, n_maps=30, set_min=20, set_max=20, set_order="chronological"),
+                                     "train")
+    (where,) = (tmp_path / "data").glob("train-*")  # one data set on disk: the order is applied when loading
+    data = json.loads((where / "episodes.json").read_text())
+    for (m, r, chosen), a, b in zip(data["sets"], shuffled, chrono):
+        assert a == [dqn.Episode(*data["episodes"][m][r][i]) for i in chosen]
+        assert b == [dqn.Episode(*data["episodes"][m][r][i]) for i in sorted(chosen)] and chosen != sorted(chosen)
+    wins = lambda sets, half: sum(sum(e.rewards) > 0 for s in sets for e in (s[:10] if half == 0 else s[10:]))
+    assert wins(chrono, 1) > 1.5 * wins(chrono, 0)
+    assert abs(wins(shuffled, 1) - wins(shuffled, 0)) < 0.25 * wins(shuffled, 1)
+
+
 def test_small_tokenizer_writes_the_paper_text():
     tok = train.small_tokenizer()
     fmt = dqn.TrajectoryFormat.for_tokenizer(tok)
@@ -161,6 +177,7 @@ def test_tiny_run_writes_checkpoints_metrics_png_and_loads(tmp_path):
 
     # load_policy round trip, checked against transformers reading the same checkpoint dir
     model, adapter, tok, fmt = train.load_policy(run)
+    assert model.args.rope_theta == cfg.rope_theta == 500000.0  # Llama 3.1's base, saved with the checkpoint
     assert adapter is None and fmt.action_ids == dqn.TrajectoryFormat.for_tokenizer(
         train.small_tokenizer(cfg.format)).action_ids
     import transformers
