@@ -6,7 +6,9 @@ over the 4 action-word logits at the Q position) is taken with probability floor
 otherwise a uniform random action (the paper calls that probability ε). Non-slippery lakes, 100-step limit. Four
 experiments: `id` (50 held-out 3-5 maps), `ood` (50 maps 6-7), `stitching` (the paper's crossing-paths map with its
 two context episodes, then 5 greedy trials in one history, see below) and `nonstationary` (30 episodes, then a new
-map with the context kept and the warm-up restarted, 30 more).
+map with the context kept and the warm-up restarted, 30 more). A fifth, ours: `demo` (the id maps with one
+shortest-path episode per start tile in the context, then 3 greedy episodes): does the model follow a success it is
+shown? (`--experiment id --warmup 0 --episodes 3` is the same without the demonstration.)
 
 Every policy goes through one harness (`run_episodes`) with the same maps, schedule and random stream: the model, a
 uniform random policy, tabular Q-learning from scratch and the BFS oracle. A policy is any object with four methods:
@@ -69,7 +71,7 @@ import frozenlake
 import llama
 from dqn import Episode, tokenize_episode
 
-EXPERIMENTS = ("id", "ood", "stitching", "nonstationary")
+EXPERIMENTS = ("id", "ood", "stitching", "nonstationary", "demo")
 PREFILL_ALONE = 64  # a row with more new tokens than this (a re-prefill) runs on its own, not padded into the batch
 
 
@@ -88,6 +90,7 @@ class EvalConfig:
     #                                  module doc for its size; lower --maps or --context if it does not fit
     recompute: bool = False          # slow reference path: no KV cache, the whole context every step
     stitching_trials: int = 5        # greedy trials after the stitching context, one after another in one history
+    demo_trials: int = 3             # greedy episodes after the demonstrations (demo experiment), in one history
     q_lr: float = 0.5                # tabular Q-learning step size α
     q_gamma: float = 0.9             # tabular Q-learning discount γ (the paper's DQN γ)
     max_steps: int = 100             # episode step limit
@@ -421,6 +424,24 @@ def stitching_context():
             Episode([8, 9, 10, 11], [right] * 3, [0.0, 0.0, 0.0], False)]
 
 
+def demonstrations(desc):
+    """One shortest-path episode from each start tile (the first BFS-optimal action at every step): the context of
+    the `demo` experiment, which asks whether the model follows a success it is shown (no exploration needed)."""
+    best, episodes = frozenlake.optimal_actions(desc), []
+    for start in frozenlake.FrozenLake(desc).starts:
+        env = frozenlake.FrozenLake(desc)
+        env.reset(seed=0)
+        env.s, ep = start, Episode([start], [], [], False)
+        while not ep.rewards or ep.rewards[-1] == 0:  # a shortest path never meets a hole
+            a = best[ep.observations[-1]][0]
+            s, r, _, _, _ = env.step(a)
+            ep.observations.append(s)
+            ep.actions.append(a)
+            ep.rewards.append(r)
+        episodes.append(ep)
+    return episodes
+
+
 def experiment_setup(name, cfg):
     """(map sequences, greedy probabilities per episode, context episodes per row) of one experiment."""
     probs = schedule(cfg.episodes, cfg.warmup)
@@ -428,6 +449,8 @@ def experiment_setup(name, cfg):
         return [[frozenlake.STITCHING_MAP]], [1.0] * cfg.stitching_trials, {0: stitching_context()}
     maps = frozenlake.ood_maps() if name == "ood" else frozenlake.test_maps()
     maps = maps[:cfg.maps] if cfg.maps else maps
+    if name == "demo":  # always greedy, after a demonstration; `--experiment id --warmup 0` is the same without it
+        return [[m] for m in maps], [1.0] * cfg.demo_trials, {r: demonstrations(m) for r, m in enumerate(maps)}
     if name == "nonstationary":  # a second map per row from the same distribution, unseen in training and testing
         second = frozenlake.generate_maps(len(maps), seed=3, exclude=frozenlake.train_maps() + frozenlake.test_maps())
         return [[a, b] for a, b in zip(maps, second)], probs, None
@@ -549,7 +572,7 @@ def check_config(cfg, model_given=False):
     """Bad settings -> ValueError naming the setting and the fix."""
     if cfg.experiment not in EXPERIMENTS + ("all",):
         raise ValueError(f"unknown experiment {cfg.experiment!r}; choose one of {EXPERIMENTS + ('all',)}")
-    for name in ("episodes", "baseline_seeds", "stitching_trials", "max_steps"):
+    for name in ("episodes", "baseline_seeds", "stitching_trials", "demo_trials", "max_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.maps is not None and cfg.maps < 1:
@@ -629,6 +652,8 @@ def parse_args(argv=None):
     p.add_argument("--recompute", action="store_true", help="slow reference path without KV cache")
     p.add_argument("--stitching-trials", type=int, default=d.stitching_trials,
                    help="greedy trials after the context, one after another (trial t sees trials 0..t-1)")
+    p.add_argument("--demo-trials", type=int, default=d.demo_trials,
+                   help="demo experiment: greedy episodes after the shortest-path demonstrations, in one history")
     p.add_argument("--q-lr", type=float, default=d.q_lr, help="Q-learning baseline step size")
     p.add_argument("--q-gamma", type=float, default=d.q_gamma, help="Q-learning baseline discount")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="episode step limit")

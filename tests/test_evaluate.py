@@ -464,6 +464,29 @@ def test_stitching_experiment_draws_its_pictures(tmp_path):
     assert all(path[0] == 8 for path in record["policies"]["model"]["paths"][0][0])  # trials start at the start
 
 
+def test_demo_experiment_puts_a_shortest_path_from_each_start_in_the_context(tmp_path):
+    """demonstrations(): one episode per start tile, each a real transition sequence of the map, ending on a goal in
+    exactly the BFS distance; the demo experiment puts them, token for token, at the head of each row's history."""
+    two_starts = [m for m in frozenlake.test_maps() if "".join(m).count("S") > 1]
+    for desc in frozenlake.test_maps()[:10] + two_starts[:3]:
+        env, dist = frozenlake.FrozenLake(desc), frozenlake.goal_distances(desc)
+        demos = evaluate.demonstrations(desc)
+        assert [ep.observations[0] for ep in demos] == env.starts
+        for ep in demos:
+            for s, a, r, t in zip(ep.observations, ep.actions, ep.rewards, ep.observations[1:]):
+                assert env.P[s][a][0][1:3] == (t, r)
+            assert len(ep.actions) == dist[ep.observations[0]] and ep.rewards[-1] == 1.0 and sum(ep.rewards) == 1.0
+    model, fmt = tiny_model()
+    policy = evaluate.ModelPolicy(model, fmt)
+    cfg = evaluate.EvalConfig(experiment="demo", maps=4, baseline_seeds=1, max_steps=20, out=str(tmp_path),
+                              progress=False)
+    report = evaluate.evaluate(cfg, policy)
+    assert report["demo"]["oracle"]["last10"] == 1.0 and (tmp_path / "demo" / "success.png").is_file()
+    for row, desc in zip(policy.rows, frozenlake.test_maps()[:4]):
+        demo_tokens = [t for ep in evaluate.demonstrations(desc) for t in dqn.tokenize_episode(ep, fmt)[0]]
+        assert row.tokens[:len(demo_tokens)] == demo_tokens
+
+
 def test_cli_rejects_bad_input():
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--experiment", "id"])  # neither --run nor --baselines-only
