@@ -427,11 +427,10 @@ def stitching_context():
 def demonstrations(desc):
     """One shortest-path episode from each start tile (the first BFS-optimal action at every step): the context of
     the `demo` experiment, which asks whether the model follows a success it is shown (no exploration needed)."""
-    best, episodes = frozenlake.optimal_actions(desc), []
-    for start in frozenlake.FrozenLake(desc).starts:
-        env = frozenlake.FrozenLake(desc)
+    best, env, episodes = frozenlake.optimal_actions(desc), frozenlake.FrozenLake(desc), []
+    for start in env.starts:
         env.reset(seed=0)
-        env.s, ep = start, Episode([start], [], [], False)
+        env.s, ep = start, Episode([start], [], [], False)  # deterministic lake: the seed draws nothing we use
         while not ep.rewards or ep.rewards[-1] == 0:  # a shortest path never meets a hole
             a = best[ep.observations[-1]][0]
             s, r, _, _, _ = env.step(a)
