@@ -60,12 +60,14 @@ Deviations and options: `monte_carlo_targets` regresses Q on the discounted retu
 (y = reward_scale · γ^(T−1−t) · R) instead of Eq. 6, without a target network; `td_loss(normalize_by_mean_target=True)` divides each sequence's error by the detached mean
 |target| of that sequence, as the authors' code does (the paper does not mention it); the mean is floored at 1 so a
 sequence of all-zero targets (only failures) does not blow up. Padded action slots of a batch are masked out.
+`next_token_loss` is an auxiliary language-model loss on the trajectory (every token but the actions), our addition.
 """
 import random
 import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 ACTION_WORDS = ("left", "down", "right", "up")  # gymnasium's action ids 0..3
 ROLES = ("observation", "action", "reward", "edit")
@@ -344,10 +346,13 @@ def collate(slices: list[Slice], pad_id: int) -> dict[str, torch.Tensor]:
            "q_positions": torch.zeros(B, P, dtype=torch.long), "actions": torch.zeros(B, P, dtype=torch.long),
            "rewards": torch.zeros(B, P), "is_last": torch.ones(B, P, dtype=torch.bool),
            "next_index": torch.full((B, P), -1, dtype=torch.long), "mask": torch.zeros(B, P, dtype=torch.bool),
-           "to_go": torch.zeros(B, P, dtype=torch.long), "returns": torch.zeros(B, P)}
+           "to_go": torch.zeros(B, P, dtype=torch.long), "returns": torch.zeros(B, P),
+           "lm_mask": torch.zeros(B, T, dtype=torch.bool)}
     for b, s in enumerate(slices):
         n = len(s.actions)
         out["tokens"][b, :len(s.tokens)] = torch.tensor(s.tokens, dtype=torch.long)
+        out["lm_mask"][b, :len(s.tokens) - 1] = True  # position t predicts token t+1: real tokens only ...
+        out["lm_mask"][b, s.q_positions] = False       # ... and not the actions: their logits are Q-values
         for key in ("q_positions", "actions", "rewards", "is_last", "next_index", "to_go", "returns"):
             out[key][b, :n] = torch.tensor(getattr(s, key), dtype=out[key].dtype)
         out["mask"][b, :n] = True
@@ -383,6 +388,17 @@ def monte_carlo_targets(batch, gamma=0.9, reward_scale=30.0) -> torch.Tensor:
     """y_t = reward_scale · γ^(T−1−t) · R: the discounted return of each action's own episode (our option, not the
     paper's: no target network, no bootstrapping; R = 0 for failed or truncated episodes). (B, P)."""
     return reward_scale * batch["returns"].float() * gamma ** batch["to_go"].float()
+
+
+def next_token_loss(logits, batch) -> torch.Tensor:
+    """Our auxiliary loss (not the paper's): cross-entropy of the next token at every position except the Q positions,
+    (B, T, V) -> (). It asks the model to predict the next observation from (state, action), the hole or goal that
+    ends an episode, and the recap: all of them answered by looking up earlier steps of the same map in the context,
+    the lookup the Q-values need, with a dense signal instead of one regression target per action."""
+    mask = batch["lm_mask"][:, :-1].to(logits.device)                                      # (B, T-1)
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["tokens"][:, 1:].flatten().to(logits.device),
+                          reduction="none").view(mask.shape)                               # (B, T-1)
+    return (nll * mask).sum() / mask.sum().clamp(min=1)
 
 
 def td_loss(q_online, targets, batch, normalize_by_mean_target=False) -> torch.Tensor:

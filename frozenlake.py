@@ -246,8 +246,11 @@ def generate_maps(n, rows=(3, 5), cols=(3, 5), seed=0, p_start=0.1, p_goal=0.1, 
 
 
 @functools.lru_cache(maxsize=None)
-def _map_set(name):
-    if name == "train":
+def _map_set(name, n=None):
+    if name == "train" and n is not None:  # more than the paper's 250: the same generator run on, avoiding test maps
+        maps = generate_maps(n, rows=(3, 5), cols=(3, 5), seed=0, exclude=_map_set("test"))
+        assert maps[:250] == [list(m) for m in _map_set("train")]  # test maps exclude the 250, so no draw changed
+    elif name == "train":
         maps = generate_maps(250, rows=(3, 5), cols=(3, 5), seed=0)
     elif name == "test":  # held out: same distribution as training, never one of the training maps
         maps = generate_maps(50, rows=(3, 5), cols=(3, 5), seed=1, exclude=_map_set("train"))
@@ -256,9 +259,12 @@ def _map_set(name):
     return tuple(tuple(m) for m in maps)  # immutable, so the cache cannot be edited through a returned map
 
 
-def train_maps():
-    """The 250 training maps, 3-5 x 3-5."""
-    return [list(m) for m in _map_set("train")]
+def train_maps(n=250):
+    """The first n training maps, 3-5 x 3-5: the paper's 250 by default; n > 250 continues the same random sequence
+    (the first 250 unchanged), skipping the held-out test maps."""
+    if n < 1:
+        raise ValueError(f"need at least one training map, got n={n}")
+    return [list(m) for m in (_map_set("train") if n <= 250 else _map_set("train", n))][:n]
 
 
 def test_maps():

@@ -92,7 +92,8 @@ class TrainConfig:
                                "~4 dims that rotate slowly enough to match a state token 1000 positions back)")
     # data: tabular Q-learning histories, sets of episodes of one map
     data_dir: str = option("runs/data", "cache of generated episodes (one subdir per data config, with a manifest)")
-    n_maps: int = option(250, "use the first n of frozenlake.train_maps() (250 = the paper's)")
+    n_maps: int = option(250, "training maps: frozenlake.train_maps(n) (250 = the paper's; more continue its "
+                         "generator, never a test map)")
     qlearn_runs: int = option(2, "independent tabular Q-learning runs per map (each from scratch)")
     qlearn_episodes: int = option(60, "episodes per Q-learning run (ε goes linearly from 1 to 0.05 over the run)")
     qlearn_lr: float = option(0.5, "tabular Q-learning step size")
@@ -127,6 +128,8 @@ class TrainConfig:
     alpha: float = option(0.1, "Polyak rate: target <- α·online + (1-α)·target after every step (paper: 0.1)")
     targets: str = option("mc", "regression targets: dqn (the paper's double-DQN bootstrap, Eq. 6) or mc (the "
                           "discounted return of the action's episode: no target network)", choices=("dqn", "mc"))
+    aux_lm: float = option(0.0, "weight of an auxiliary next-token loss at the non-Q positions (next observation, "
+                           "hole/goal, recap: dqn.next_token_loss; not the paper's), added to the TD loss")
     normalize_by_mean_target: bool = option(False, "divide the TD error by the detached mean target (authors' code)")
     # online rollouts (the paper's proposed fix for looping, §4.6; not in its experiments)
     online_every: int = option(0, "every N steps the current model plays --online-maps training maps under the "
@@ -272,7 +275,7 @@ def sample_set(weights: list[float], n: int, rng: random.Random) -> list[int]:
 
 
 def data_config(cfg: TrainConfig, split: str) -> dict:
-    maps = frozenlake.train_maps()[:cfg.n_maps] if split == "train" else frozenlake.test_maps()
+    maps = frozenlake.train_maps(cfg.n_maps) if split == "train" else frozenlake.test_maps()
     return {"version": DATA_VERSION, "split": split, "maps": maps, "qlearn_runs": cfg.qlearn_runs,
             "qlearn_episodes": cfg.qlearn_episodes, "qlearn_lr": cfg.qlearn_lr, "qlearn_gamma": cfg.qlearn_gamma,
             "sets_per_map": cfg.sets_per_map if split == "train" else cfg.heldout_sets_per_map,
@@ -495,18 +498,26 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, autocast):
+def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, autocast, aux_lm=0.0):
     """Eq. 6-7 on one collated batch: online Q (with grad), target Q (no grad), double-DQN targets, MSE
-    (--targets mc: the Monte-Carlo returns instead, no target forward)."""
+    (--targets mc: the Monte-Carlo returns instead, no target forward). -> (TD loss, next-token loss or None):
+    with aux_lm > 0 one forward gives the logits at every position, the Q-values are read from them."""
+    aux = None
     with autocast():
-        q_online = dqn.q_values(model, batch["tokens"], batch["q_positions"], action_ids, adapter)  # (B, P, 4)
+        if aux_lm > 0:
+            logits = model(batch["tokens"], adapter=adapter)                                  # (B, T, V)
+            at = batch["q_positions"][..., None].expand(-1, -1, logits.shape[-1])             # (B, P, V)
+            q_online = logits.gather(1, at)[..., action_ids].float()                          # (B, P, 4)
+            aux = dqn.next_token_loss(logits, batch)
+        else:
+            q_online = dqn.q_values(model, batch["tokens"], batch["q_positions"], action_ids, adapter)  # (B, P, 4)
     if cfg.targets == "mc":
         return dqn.td_loss(q_online, dqn.monte_carlo_targets(batch, cfg.gamma, cfg.reward_scale), batch,
-                           cfg.normalize_by_mean_target)
+                           cfg.normalize_by_mean_target), aux
     with autocast(), torch.no_grad():
         q_target = dqn.q_values(target, batch["tokens"], batch["q_positions"], action_ids, target_adapter)
     targets = dqn.bellman_targets(q_online, q_target, batch, cfg.gamma, cfg.reward_scale)  # (B, P), no grad
-    return dqn.td_loss(q_online, targets, batch, cfg.normalize_by_mean_target)
+    return dqn.td_loss(q_online, targets, batch, cfg.normalize_by_mean_target), aux
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -570,7 +581,7 @@ def train(cfg: TrainConfig) -> Path:
         return out
 
     def online_round():  # every rank plays the same maps with the same weights: identical pools, no communication
-        maps = random.Random(f"{cfg.seed}/online{step}").sample(frozenlake.train_maps()[:cfg.n_maps],
+        maps = random.Random(f"{cfg.seed}/online{step}").sample(frozenlake.train_maps(cfg.n_maps),
                                                                min(cfg.online_maps, cfg.n_maps))
         online_sets.append((step, play_maps(model, adapter, fmt, maps, cfg.context_len, seed=step)))
         del online_sets[:-cfg.online_keep]
@@ -588,8 +599,8 @@ def train(cfg: TrainConfig) -> Path:
         with torch.no_grad():
             total = torch.zeros(2, device=device)  # (sum of losses, count)
             for s in heldout:
-                loss = td_loss_on(to_device(dqn.collate([s], pad_id)), model, adapter, target, target_adapter,
-                                  action_ids, cfg, autocast)
+                loss, _ = td_loss_on(to_device(dqn.collate([s], pad_id)), model, adapter, target, target_adapter,
+                                     action_ids, cfg, autocast)
                 total += torch.stack([loss.float(), torch.ones((), device=device)])
             if world > 1:
                 dist.all_reduce(total)
@@ -645,18 +656,21 @@ def train(cfg: TrainConfig) -> Path:
                     group["lr"] = lr
                 mine = step_slices(step)[rank::world]
                 optimizer.zero_grad(set_to_none=False)
-                loss_sum = torch.zeros((), device=device)
+                loss_sum, aux_sum = torch.zeros((), device=device), torch.zeros((), device=device)
                 for i in range(0, per_rank, cfg.micro_batch):
                     batch = to_device(dqn.collate(mine[i:i + cfg.micro_batch], pad_id))
-                    loss = td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, autocast)
+                    loss, aux = td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, autocast,
+                                           cfg.aux_lm)
                     share = len(mine[i:i + cfg.micro_batch]) / cfg.slices_per_step  # mean over the global step
-                    (loss * share).backward()
+                    ((loss + cfg.aux_lm * aux if aux is not None else loss) * share).backward()
                     loss_sum += loss.detach().float() * share
+                    if aux is not None:
+                        aux_sum += aux.detach().float() * share
                 tokens = torch.tensor(float(sum(len(s.tokens) for s in mine)), device=device)
                 if world > 1:  # sum the gradients of all ranks: each already carries its 1/slices_per_step share
                     for p in trainable:
                         dist.all_reduce(p.grad)
-                    dist.all_reduce(loss_sum), dist.all_reduce(tokens)
+                    dist.all_reduce(loss_sum), dist.all_reduce(aux_sum), dist.all_reduce(tokens)
                 if not math.isfinite(loss_sum.item()):
                     last = latest_checkpoint(run_dir)
                     raise FloatingPointError(
@@ -670,6 +684,8 @@ def train(cfg: TrainConfig) -> Path:
                 dt = time.perf_counter() - t0
                 record = {"step": step, "loss": loss_sum.item(), "lr": lr, "tokens": tokens.item(),
                           "tokens_per_s": tokens.item() / dt, "time": time.time()}
+                if cfg.aux_lm > 0:
+                    record["next_token_loss"] = aux_sum.item()
                 if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
                     record["heldout_loss"] = heldout_loss()
                 bar.set_postfix(loss=f"{record['loss']:.3g}", lr=f"{lr:.2g}", tok_s=f"{record['tokens_per_s']:.0f}")

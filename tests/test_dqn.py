@@ -399,3 +399,25 @@ def test_compact_recap_embeddings_start_composed():
             torch.testing.assert_close(e[sp[f"<|recap_{s}_{w}_{t}|>"]] - e[sp[f"<|obs_{s}|>"]] - e[sp[f"<|act_{w}|>"]],
                                        tag[t])
     assert not torch.allclose(tag["goal"], tag["hole"])
+
+
+def test_next_token_loss_skips_q_positions_and_padding(compact):
+    tok, fmt = compact
+    batch, s0, s1 = toy_batch(fmt)
+    # row 1 (TRUNCATED alone): <bos> obs8 act obs8 act obs4 <truncated> <eos> recap recap, then padding. Q positions
+    # are its two observation tokens before an action (1, 3); the last real token (9) has nothing to predict.
+    assert len(s1.tokens) == 10 and s1.q_positions == [1, 3]
+    assert batch["lm_mask"][1].tolist() == [True, False, True, False, True, True, True, True, True] + \
+        [False] * (batch["tokens"].shape[1] - 9)
+    torch.manual_seed(0)
+    logits = torch.randn(2, batch["tokens"].shape[1], tok.n_words)
+    # reference: average of -log softmax(logits[b, t])[token b, t+1] over the allowed positions, one by one
+    nll = [-logits[b, t].log_softmax(-1)[batch["tokens"][b, t + 1]]
+           for b, s in enumerate((s0, s1)) for t in range(len(s.tokens) - 1) if t not in s.q_positions]
+    assert len(nll) == (len(s0.tokens) - 1 - 5) + 7
+    torch.testing.assert_close(dqn.next_token_loss(logits, batch), torch.stack(nll).mean())
+    # the Q positions' logits (the Q-values) do not reach it
+    logits.requires_grad_(True)
+    dqn.next_token_loss(logits, batch).backward()
+    assert logits.grad[1, [1, 3]].abs().sum() == 0 and logits.grad[1, 9:].abs().sum() == 0
+    assert logits.grad[1, 2].abs().sum() > 0

@@ -261,6 +261,18 @@ def test_generator_is_reproducible_and_byte_identical_everywhere():
     assert ALL_SETS["train"][0] == ["HFFFF", "FFHFG", "FFFFF", "FSFFF", "FHSFF"]
 
 
+def test_more_training_maps_extend_the_250_and_avoid_the_test_maps():
+    more = fl.train_maps(600)
+    assert more[:250] == fl.train_maps() and fl.train_maps(40) == fl.train_maps()[:40]
+    assert len({tuple(m) for m in more}) == 600 and all(m not in ALL_SETS["test"] for m in more)
+    assert {(len(m), len(m[0])) for m in more} == {(r, c) for r in (3, 4, 5) for c in (3, 4, 5)}
+    # the 350 new ones are those the same generator draws next once the test maps are ruled out
+    rest = fl.generate_maps(600, seed=0, exclude=ALL_SETS["test"])[250:]
+    assert more[250:] == rest and all(fl.is_valid_map(m, 4) for m in rest)
+    with pytest.raises(ValueError, match="at least one"):
+        fl.train_maps(0)
+
+
 def test_generator_honours_its_parameters():
     maps = fl.generate_maps(40, rows=(4, 4), cols=(6, 6), seed=3, min_hops=6, p_hole=0.0)
     assert all(len(m) == 4 and len(m[0]) == 6 and "H" not in "".join(m) for m in maps)

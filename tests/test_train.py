@@ -1,6 +1,8 @@
 """train.py: data generation and its cache, the loop's checkpoints, exact resume, Ctrl-C, NaN stop, 2-process gloo
 data parallelism, bad input, load_policy. Every run uses a tiny model and context so the file stays ~2 minutes."""
+import contextlib
 import json
+import math
 import os
 import random
 import signal
@@ -348,3 +350,23 @@ def test_compact_online_run_plays_its_own_episodes_and_resumes_exactly(tmp_path)
     resumed = train.train(tiny(tmp_path / "b", **{**kw, "resume": True}))
     wa, wb = (weights(r / "checkpoints" / "step_000004") for r in (straight, resumed))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_aux_next_token_loss_reads_the_same_q_values_and_is_logged(tmp_path):
+    cfg = tiny(tmp_path, aux_lm=2.0, steps=6, lr=1e-2, warmup_steps=1)
+    tok = train.small_tokenizer(cfg.format)
+    fmt = dqn.TrajectoryFormat.for_tokenizer(tok)
+    model = train.small_model(cfg, tok.n_words, tok.special_tokens)
+    eps = [dqn.Episode([0, 1, 2], [2, 2], [0.0, 1.0]), dqn.Episode([0, 4], [1], [0.0])]
+    batch = dqn.collate(dqn.pack_slices([eps], fmt, 160, random.Random(0)), fmt.eos[0])
+    ids = torch.tensor(fmt.action_ids)
+    plain, none = train.td_loss_on(batch, model, None, model, None, ids, cfg, contextlib.nullcontext)
+    td, aux = train.td_loss_on(batch, model, None, model, None, ids, cfg, contextlib.nullcontext, cfg.aux_lm)
+    assert none is None
+    torch.testing.assert_close(td, plain)  # Q-values gathered from the full logits = dqn.q_values
+    torch.testing.assert_close(aux, dqn.next_token_loss(model(batch["tokens"]), batch))
+    run = train.train(cfg)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
+    aux = [r["next_token_loss"] for r in rows]
+    assert aux[0] == pytest.approx(math.log(tok.n_words), rel=0.05)  # untrained: about uniform over the vocabulary
+    assert aux[-1] < aux[0] - 0.5
