@@ -114,8 +114,8 @@ class TrainConfig:
     relabel_states: bool = option(False, "rename the states of each training set by a random permutation of 0..63, "
                                   "so only the context can tell what a state number means (held-out data is not)")
     # optimisation
-    steps: int | None = option(1400, "optimizer steps (0: `epochs` passes over the slices); 1400 ≈ 17 min on 2 CPU "
-                               "cores, the greedy success grows with steps up to there (README, Results)")
+    steps: int | None = option(1250, "optimizer steps (0: `epochs` passes over the slices); 1250 ≈ 19 min on 2 CPU "
+                               "cores with --aux-lm (the 20-minute budget); success grows with steps (README, Results)")
     epochs: float = option(1.0, "passes over the data when --steps is 0 (paper: 1)")
     slices_per_step: int = option(8, "slices per optimizer step, all ranks together (paper: 10)")
     micro_batch: int = option(4, "slices per forward pass (gradient accumulation over slices_per_step / micro_batch)")
@@ -128,8 +128,8 @@ class TrainConfig:
     alpha: float = option(0.1, "Polyak rate: target <- α·online + (1-α)·target after every step (paper: 0.1)")
     targets: str = option("mc", "regression targets: dqn (the paper's double-DQN bootstrap, Eq. 6) or mc (the "
                           "discounted return of the action's episode: no target network)", choices=("dqn", "mc"))
-    aux_lm: float = option(0.0, "weight of an auxiliary next-token loss at the non-Q positions (next observation, "
-                           "hole/goal, recap: dqn.next_token_loss; not the paper's), added to the TD loss")
+    aux_lm: float = option(10.0, "weight of an auxiliary next-token loss at the non-Q positions (next observation, "
+                           "hole/goal, recap: dqn.next_token_loss; not the paper's), added to the TD loss (0: off)")
     normalize_by_mean_target: bool = option(False, "divide the TD error by the detached mean target (authors' code)")
     # online rollouts (the paper's proposed fix for looping, §4.6; not in its experiments)
     online_every: int = option(0, "every N steps the current model plays --online-maps training maps under the "
@@ -149,7 +149,7 @@ class TrainConfig:
     progress: bool = option(True, "show the tqdm progress bar")
 
 
-PAPER = dict(format="paper", targets="dqn", context_len=4096, slices_per_step=10, micro_batch=1, lr=1e-2,
+PAPER = dict(format="paper", targets="dqn", aux_lm=0.0, context_len=4096, slices_per_step=10, micro_batch=1, lr=1e-2,
              warmup_steps=10, weight_decay=0.01, grad_clip=0.0, gamma=0.9, reward_scale=30.0, alpha=0.1, steps=0,
              epochs=1.0,
              sets_per_map=58,  # 250 maps x 58 sets x ~2.7k tokens ≈ the paper's 39M tokens, ≈ 956 steps
