@@ -198,6 +198,8 @@ def check_config(cfg: TrainConfig):
     if cfg.format == "compact" and cfg.preset != "cpu":
         raise ValueError(f"--format compact needs the cpu preset's own vocabulary; {cfg.preset} writes the paper's "
                          f"text with its base model's tokenizer: drop --format or use --preset cpu")
+    if cfg.aux_lm < 0:
+        raise ValueError(f"--aux-lm is a loss weight, got {cfg.aux_lm}: use 0 to turn the next-token loss off")
     if cfg.online_every < 0 or not 0.0 <= cfg.online_share <= 1.0 or cfg.online_maps < 1 or cfg.online_keep < 1:
         raise ValueError(f"need online_every >= 0, 0 <= online_share <= 1, online_maps >= 1, online_keep >= 1; got "
                          f"{cfg.online_every}, {cfg.online_share}, {cfg.online_maps}, {cfg.online_keep}")

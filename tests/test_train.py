@@ -141,6 +141,8 @@ def test_bad_input_fails_before_any_work(tmp_path):
         train.train(tiny(tmp_path, resume=True))
     with pytest.raises(ValueError, match="--format compact needs the cpu preset"):
         train.train(train.make_config("smollm2", format="compact", data_dir=str(tmp_path / "d")))
+    with pytest.raises(ValueError, match="--aux-lm is a loss weight, got -1.0"):
+        train.train(tiny(tmp_path, aux_lm=-1.0))
     with pytest.raises(ValueError, match="0 <= online_share <= 1"):
         train.train(tiny(tmp_path, online_every=5, online_share=1.5))
     ckpt = tmp_path / "run" / "checkpoints" / "step_000002"  # a checkpoint of another model shape
