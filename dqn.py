@@ -57,9 +57,10 @@ the outcome onto the (state, action) so that a later episode finds "this action 
 one attention lookup. It is built from the episode alone (no map knowledge), so it is available at evaluation time.
 
 Deviations and options: `monte_carlo_targets` regresses Q on the discounted return of the action's own episode
-(y = reward_scale · γ^(T−1−t) · R) instead of Eq. 6, without a target network; `td_loss(normalize_by_mean_target=True)` divides each sequence's error by the detached mean
-|target| of that sequence, as the authors' code does (the paper does not mention it); the mean is floored at 1 so a
-sequence of all-zero targets (only failures) does not blow up. Padded action slots of a batch are masked out.
+(y = reward_scale · γ^(T−1−t) · R) instead of Eq. 6, without a target network;
+`td_loss(normalize_by_mean_target=True)` divides each sequence's error by the detached mean |target| of that
+sequence, as the authors' code does (the paper does not mention it); the mean is floored at 1 so a sequence of
+all-zero targets (only failures) does not blow up. Padded action slots of a batch are masked out.
 `next_token_loss` is an auxiliary language-model loss on the trajectory (every token but the actions), our addition.
 """
 import random
@@ -84,6 +85,7 @@ class Episode:
     actions: list[int]       # a_0 .. a_{n-1}
     rewards: list[float]     # r_1 .. r_n
     truncated: bool = False  # cut by the step limit and not terminated (then terminal with reward 0 for the target)
+    ncol: int | None = None        # its map's width: a canvas format (CompactFormat.canvas) needs it, others ignore it
 
 
 def check_episode(ep: Episode):
@@ -227,6 +229,7 @@ class CompactFormat:
     past episode; the recap puts that outcome on each (s, a) token, one attention lookup away."""
     ids: dict                                   # special-token name -> id
     style: str = "compact"
+    canvas: bool = False                        # write tile (r, c) as state r·8 + c, any map width (to_canvas)
     action_ids: list[int] = field(default_factory=list)
     bos: list[int] = field(default_factory=list)
     eos: list[int] = field(default_factory=list)
@@ -262,10 +265,33 @@ class CompactFormat:
         return [self._id(f"<|recap_{s}_{ACTION_WORDS[a]}_{tag}|>") for s, a, tag in recap_steps(ep)]
 
 
+CANVAS = 8  # the canvas is 8 x 8: the largest map the 64 state tokens hold
+
+
+def canvas_state(s: int, ncol: int, row_offset: int = 0, col_offset: int = 0) -> int:
+    """A map's state row·ncol + col as the canvas tile (row + row_offset)·8 + (col + col_offset)."""
+    row, col = divmod(s, ncol)
+    return (row + row_offset) * CANVAS + col + col_offset
+
+
+def to_canvas(ep: Episode, row_offset: int = 0, col_offset: int = 0) -> Episode:
+    """The episode with its states written as canvas tiles (ep.ncol = its map's width), then ncol = 8. Our option for
+    the compact format, not the paper's: "down" is +8 on every map and a map placed at random offsets in training
+    uses all 64 state tokens, so maps wider than the training ones (the ood set) only meet tokens it has learned."""
+    if ep.ncol is None:
+        raise ValueError("a canvas format needs each episode's map width: set Episode.ncol = len(desc[0])")
+    states = [canvas_state(s, ep.ncol, row_offset, col_offset) for s in ep.observations]
+    if max(states) >= CANVAS * CANVAS or col_offset + ep.ncol > CANVAS:
+        raise ValueError(f"a map of width {ep.ncol} at offset ({row_offset}, {col_offset}) leaves the 8x8 canvas")
+    return Episode(states, ep.actions, ep.rewards, ep.truncated, CANVAS)
+
+
 def tokenize_episode(ep: Episode, fmt: TrajectoryFormat) -> tuple[list[int], list[int]]:
     """One episode -> (token ids, q_positions): q_positions[t] is the index of the token whose logits are Q(h_t, ·).
     The recap (compact format only) follows the episode's end."""
     check_episode(ep)
+    if getattr(fmt, "canvas", False):
+        ep = to_canvas(ep)
     tokens = fmt.episode_start() + fmt.observation(ep.observations[0])
     q_positions = []
     for a, next_obs, r in zip(ep.actions, ep.observations[1:], ep.rewards):
@@ -292,6 +318,8 @@ class Slice:
     next_index: list[int] = field(default_factory=list)    # index of the same episode's next action, -1 if last
     to_go: list[int] = field(default_factory=list)         # actions after this one in its episode (Monte-Carlo)
     returns: list[float] = field(default_factory=list)     # its episode's reward (0 if truncated), at every action
+    novel: list[bool] = field(default_factory=list)        # the action reached a state not yet in this slice
+    seen: set = field(default_factory=set, repr=False)     # states written in this slice so far
 
 
 def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[int]):
@@ -305,6 +333,10 @@ def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[
     s.next_index += [first + t + 1 if t < n - 1 else -1 for t in range(n)]
     s.to_go += [n - 1 - t for t in range(n)]
     s.returns += [episode_reward] * n
+    s.seen.add(ep.observations[0])
+    for state in ep.observations[1:]:
+        s.novel.append(state not in s.seen)
+        s.seen.add(state)
 
 
 def pack_slices(episode_sets: list[list[Episode]], fmt: TrajectoryFormat, context_len: int,
@@ -347,13 +379,14 @@ def collate(slices: list[Slice], pad_id: int) -> dict[str, torch.Tensor]:
            "rewards": torch.zeros(B, P), "is_last": torch.ones(B, P, dtype=torch.bool),
            "next_index": torch.full((B, P), -1, dtype=torch.long), "mask": torch.zeros(B, P, dtype=torch.bool),
            "to_go": torch.zeros(B, P, dtype=torch.long), "returns": torch.zeros(B, P),
+           "novel": torch.zeros(B, P),
            "lm_mask": torch.zeros(B, T, dtype=torch.bool)}
     for b, s in enumerate(slices):
         n = len(s.actions)
         out["tokens"][b, :len(s.tokens)] = torch.tensor(s.tokens, dtype=torch.long)
         out["lm_mask"][b, :len(s.tokens) - 1] = True  # position t predicts token t+1: real tokens only ...
         out["lm_mask"][b, s.q_positions] = False       # ... and not the actions: their logits are Q-values
-        for key in ("q_positions", "actions", "rewards", "is_last", "next_index", "to_go", "returns"):
+        for key in ("q_positions", "actions", "rewards", "is_last", "next_index", "to_go", "returns", "novel"):
             out[key][b, :n] = torch.tensor(getattr(s, key), dtype=out[key].dtype)
         out["mask"][b, :n] = True
     return out
@@ -384,10 +417,19 @@ def bellman_targets(q_online, q_target, batch, gamma=0.9, reward_scale=30.0) -> 
     return torch.where(is_last, final, bootstrap)
 
 
-def monte_carlo_targets(batch, gamma=0.9, reward_scale=30.0) -> torch.Tensor:
+def monte_carlo_targets(batch, gamma=0.9, reward_scale=30.0, novelty_bonus=0.0) -> torch.Tensor:
     """y_t = reward_scale · γ^(T−1−t) · R: the discounted return of each action's own episode (our option, not the
-    paper's: no target network, no bootstrapping; R = 0 for failed or truncated episodes). (B, P)."""
-    return reward_scale * batch["returns"].float() * gamma ** batch["to_go"].float()
+    paper's: no target network, no bootstrapping; R = 0 for failed or truncated episodes). (B, P).
+    novelty_bonus β > 0 adds β · Σ_{k≥t} γ^(k−t) · novel_k, an exploration bonus for every later step of the episode
+    that reached a state the context had not shown yet (count-based exploration, our option)."""
+    y = reward_scale * batch["returns"].float() * gamma ** batch["to_go"].float()
+    if novelty_bonus:
+        novel, nxt, last = batch["novel"].float(), batch["next_index"].clamp(min=0), batch["is_last"]
+        g = torch.zeros_like(novel)                                   # g_t = novel_t + γ·g_{t+1}, backwards
+        for t in reversed(range(novel.shape[1])):                     # an episode's next action is at a later slot
+            g[:, t] = novel[:, t] + torch.where(last[:, t], 0.0, gamma * g.gather(1, nxt[:, t:t + 1])[:, 0])
+        y = y + novelty_bonus * g
+    return y
 
 
 def next_token_loss(logits, batch) -> torch.Tensor:

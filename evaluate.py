@@ -67,6 +67,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+import dqn
 import frozenlake
 import llama
 from dqn import Episode, tokenize_episode
@@ -227,6 +228,7 @@ class ModelPolicy:
             raise ValueError(f"context of {self.limit} tokens is too small to hold a step; give --context >= 64")
         self.device = next(model.parameters()).device
         self.action_ids = torch.tensor(fmt.action_ids, device=self.device)
+        self.canvas = getattr(fmt, "canvas", False)
 
     def reset(self, n_rows):
         self.rows = [RowContext() for _ in range(n_rows)]
@@ -246,7 +248,7 @@ class ModelPolicy:
         st, fmt = self.rows[row], self.fmt
         st.tokens += fmt.action_word(episode.actions[-1])
         st.step_offsets.append(len(st.tokens))  # an in-episode cut may start the context here
-        st.tokens += fmt.observation(episode.observations[-1])
+        st.tokens += fmt.observation(self._state(episode, -1))
         if episode.rewards[-1] != 0:
             st.tokens += fmt.reward(episode.rewards[-1])
         if done:
@@ -260,7 +262,8 @@ class ModelPolicy:
         otherwise the cache stays valid only up to where they agree."""
         k = st.first_step
         if k:
-            episode = Episode(episode.observations[k:], episode.actions[k:], episode.rewards[k:], episode.truncated)
+            episode = Episode(episode.observations[k:], episode.actions[k:], episode.rewards[k:], episode.truncated,
+                              ncol=episode.ncol)
         text, _ = tokenize_episode(episode, self.fmt)
         old = st.tokens[start:start + built]
         same = next((i for i, (x, y) in enumerate(zip(old, text)) if x != y), min(len(old), len(text)))
@@ -277,12 +280,16 @@ class ModelPolicy:
                 st.cur_start = len(st.tokens)
                 st.tokens += self.fmt.episode_start()
                 st.step_offsets = [len(st.tokens)]
-                st.tokens += self.fmt.observation(ep.observations[-1]) + self.fmt.action_prompt()
+                st.tokens += self.fmt.observation(self._state(ep, -1)) + self.fmt.action_prompt()
             if len(st.tokens) > self.limit:
                 self._trim(st)
         with torch.inference_mode():
             q = self._q_recompute(rows) if self.recompute else self._q_cached(rows)  # (len(rows), 4)
         return q.argmax(-1).tolist()
+
+    def _state(self, episode, t):  # the state number the format writes (the canvas tile under a canvas format)
+        s = episode.observations[t]
+        return dqn.to_canvas(Episode([s], [], [], ncol=episode.ncol)).observations[0] if self.canvas else s
 
     def _trim(self, st):
         """Drop the oldest whole episodes until the context fits; if the unfinished episode alone does not fit, also
@@ -386,7 +393,7 @@ def run_episodes(policy, map_sequences, probs, seed=0, context_episodes=None, ma
             if live[r] is None:  # a new episode: its own stream draws the start tile, then coins and random actions
                 rngs[r] = episode_rng(seed, r, k[r])
                 obs, _ = envs[r][k[r] // per_map].reset(seed=int(rngs[r].random() * 2 ** 31))
-                live[r], greedy_count[r] = Episode([obs], [], [], False), 0
+                live[r], greedy_count[r] = Episode([obs], [], [], False, ncol=envs[r][k[r] // per_map].ncol), 0
         maps = [map_sequences[r][k[r] // per_map] for r in rows]
         greedy = policy.greedy_actions(rows, maps, [live[r] for r in rows])
         for r, a_greedy in zip(rows, greedy):
@@ -420,8 +427,8 @@ def stitching_context():
     """The paper's two context episodes on STITCHING_MAP: 2→6→10→14→18→22 (down, reaches the goal), then from the
     start 8→9→10→11 (right, into the hole)."""
     down, right = frozenlake.DOWN, frozenlake.RIGHT
-    return [Episode([2, 6, 10, 14, 18, 22], [down] * 5, [0.0, 0.0, 0.0, 0.0, 1.0], False),
-            Episode([8, 9, 10, 11], [right] * 3, [0.0, 0.0, 0.0], False)]
+    return [Episode([2, 6, 10, 14, 18, 22], [down] * 5, [0.0, 0.0, 0.0, 0.0, 1.0], False, ncol=4),
+            Episode([8, 9, 10, 11], [right] * 3, [0.0, 0.0, 0.0], False, ncol=4)]
 
 
 def demonstrations(desc):
@@ -430,7 +437,7 @@ def demonstrations(desc):
     best, env, episodes = frozenlake.optimal_actions(desc), frozenlake.FrozenLake(desc), []
     for start in env.starts:
         env.reset(seed=0)
-        env.s, ep = start, Episode([start], [], [], False)  # deterministic lake: the seed draws nothing we use
+        env.s, ep = start, Episode([start], [], [], False, ncol=env.ncol)  # deterministic: the seed draws nothing
         while not ep.rewards or ep.rewards[-1] == 0:  # a shortest path never meets a hole
             a = best[ep.observations[-1]][0]
             s, r, _, _, _ = env.step(a)

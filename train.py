@@ -95,10 +95,13 @@ class TrainConfig:
     data_dir: str = option("runs/data", "cache of generated episodes (one subdir per data config, with a manifest)")
     n_maps: int = option(250, "training maps: frozenlake.train_maps(n) (250 = the paper's; more continue its "
                          "generator, never a test map)")
-    qlearn_runs: int = option(2, "independent tabular Q-learning runs per map (each from scratch)")
-    qlearn_episodes: int = option(60, "episodes per Q-learning run (ε goes linearly from 1 to 0.05 over the run)")
+    learner: str = option("qlearning", "the RL algorithm whose histories are the data: qlearning (tabular, ε-greedy) "
+                          "or rmax (model-based, optimistic about untried moves: rmax_episodes), same ε schedule",
+                          choices=("qlearning", "rmax"))
+    qlearn_runs: int = option(2, "independent runs of the learner per map (each from scratch)")
+    qlearn_episodes: int = option(60, "episodes per run (ε goes linearly from 1 to 0.05 over the run)")
     qlearn_lr: float = option(0.5, "tabular Q-learning step size")
-    qlearn_gamma: float = option(0.95, "tabular Q-learning discount")
+    qlearn_gamma: float = option(0.95, "the learner's discount (Q-learning's, R-max's planning)")
     sets_per_map: int = option(12, "episode sets drawn per map (sets x maps x ~2.7k tokens = the data's size)")
     set_min: int = option(20, "fewest episodes in a set (paper: 20)")
     set_max: int = option(40, "most episodes in a set (paper: 40)")
@@ -112,6 +115,8 @@ class TrainConfig:
     format: str = option("compact", "cpu model's trajectory format: paper (the paper's text blocks) or compact (one "
                      "token per observation/action/outcome + a hindsight recap per episode, dqn.CompactFormat)",
                      choices=("paper", "compact"))
+    canvas: bool = option(False, "compact format: write tile (row, col) as state row·8 + col (dqn.to_canvas), each "
+                          "training set at a random offset on the 8x8 canvas, so larger maps meet learned tokens")
     relabel_states: bool = option(False, "rename the states of each training set by a random permutation of 0..63, "
                                   "so only the context can tell what a state number means (held-out data is not)")
     # optimisation
@@ -129,6 +134,8 @@ class TrainConfig:
     alpha: float = option(0.1, "Polyak rate: target <- α·online + (1-α)·target after every step (paper: 0.1)")
     targets: str = option("mc", "regression targets: dqn (the paper's double-DQN bootstrap, Eq. 6) or mc (the "
                           "discounted return of the action's episode: no target network)", choices=("dqn", "mc"))
+    novelty_bonus: float = option(0.0, "--targets mc: add this x the discounted count of the episode's later steps "
+                                  "that reach a state new to the context (an exploration bonus, not the paper's)")
     aux_lm: float = option(10.0, "weight of an auxiliary next-token loss at the non-Q positions (next observation, "
                            "hole/goal, recap: dqn.next_token_loss; not the paper's), added to the TD loss (0: off)")
     normalize_by_mean_target: bool = option(False, "divide the TD error by the detached mean target (authors' code)")
@@ -198,6 +205,10 @@ def check_config(cfg: TrainConfig):
     if cfg.format == "compact" and cfg.preset != "cpu":
         raise ValueError(f"--format compact needs the cpu preset's own vocabulary; {cfg.preset} writes the paper's "
                          f"text with its base model's tokenizer: drop --format or use --preset cpu")
+    if cfg.canvas and cfg.format != "compact":
+        raise ValueError("--canvas writes the compact format's state tokens; add --format compact (cpu preset)")
+    if cfg.novelty_bonus and cfg.targets != "mc":
+        raise ValueError("--novelty-bonus is added to the Monte-Carlo targets: use it with --targets mc")
     if cfg.aux_lm < 0:
         raise ValueError(f"--aux-lm is a loss weight, got {cfg.aux_lm}: use 0 to turn the next-token loss off")
     if cfg.online_every < 0 or not 0.0 <= cfg.online_share <= 1.0 or cfg.online_maps < 1 or cfg.online_keep < 1:
@@ -266,6 +277,48 @@ def q_learning_episodes(desc, n_episodes, lr, gamma, rng: random.Random) -> list
     return episodes
 
 
+def rmax_episodes(desc, n_episodes, gamma, rng: random.Random) -> list[dqn.Episode]:
+    """R-max (Brafman & Tennenholtz 2002) for a deterministic lake, from scratch: it learns the moves it has tried and
+    where episodes ended; an untried (s, a) is worth the maximum reward 1 (optimism), so its greedy policy walks to the
+    nearest untried move until a goal is known, then takes the shortest known path. It knows nothing of the grid.
+    Same ε schedule as q_learning_episodes (linear 1 -> 0.05), ties broken at random."""
+    env = frozenlake.FrozenLake(desc, max_steps=100)
+    n = env.observation_space.n
+    move = [[None] * 4 for _ in range(n)]  # the learned model: s, a -> s' (None: untried)
+    ended = {}                              # a state where an episode terminated -> its reward (1 goal, 0 hole)
+
+    def plan():  # value iteration on the learned model: Q(s, a) = 1 untried, r at an end, else γ·max Q(s', ·)
+        v = [0.0] * n
+        for _ in range(n + 1):
+            q = [[1.0 if t is None else ended[t] if t in ended else gamma * v[t] for t in move[s]] for s in range(n)]
+            v = [max(row) for row in q]
+        return q
+
+    episodes, q = [], plan()
+    for k in range(n_episodes):
+        eps = 1.0 + (0.05 - 1.0) * k / max(n_episodes - 1, 1)
+        s, _ = env.reset(seed=int(rng.random() * 2**31))
+        obs, acts, rews = [s], [], []
+        while True:
+            if rng.random() < eps:
+                a = int(rng.random() * 4)
+            else:
+                ties = [b for b in range(4) if q[s][b] == max(q[s])]
+                a = ties[int(rng.random() * len(ties))]
+            s2, r, terminated, truncated, _ = env.step(a)
+            if move[s][a] is None:  # a goal or hole ends the episode whenever it is entered: first entry tells
+                move[s][a] = s2
+                if terminated:
+                    ended[s2] = float(r)
+                q = plan()  # replan only when the model learned something
+            obs.append(s2), acts.append(a), rews.append(float(r))
+            s = s2
+            if terminated or truncated:
+                episodes.append(dqn.Episode(obs, acts, rews, truncated=truncated and not terminated))
+                break
+    return episodes
+
+
 def quality_weight(ep: dqn.Episode, quality: str) -> float:
     success = sum(ep.rewards) > 0
     return {"hi": 5.0 if success else 1.0, "low": 1.0 if success else 5.0, "mid": 1.0}[quality]
@@ -280,7 +333,8 @@ def sample_set(weights: list[float], n: int, rng: random.Random) -> list[int]:
 def data_config(cfg: TrainConfig, split: str) -> dict:
     maps = frozenlake.train_maps(cfg.n_maps) if split == "train" else frozenlake.test_maps()
     return {"version": DATA_VERSION, "split": split, "maps": maps, "qlearn_runs": cfg.qlearn_runs,
-            "qlearn_episodes": cfg.qlearn_episodes, "qlearn_lr": cfg.qlearn_lr, "qlearn_gamma": cfg.qlearn_gamma,
+            "learner": cfg.learner, "qlearn_episodes": cfg.qlearn_episodes, "qlearn_lr": cfg.qlearn_lr,
+            "qlearn_gamma": cfg.qlearn_gamma,
             "sets_per_map": cfg.sets_per_map if split == "train" else cfg.heldout_sets_per_map,
             "set_min": cfg.set_min, "set_max": cfg.set_max, "quality": cfg.quality, "data_seed": cfg.data_seed}
 
@@ -292,7 +346,8 @@ def generate_data(dc: dict) -> dict:
         runs = []
         for r in range(dc["qlearn_runs"]):
             rng = random.Random(f"{dc['data_seed']}/{dc['split']}/{m}/{r}")  # str seeds are stable across versions
-            eps = q_learning_episodes(desc, dc["qlearn_episodes"], dc["qlearn_lr"], dc["qlearn_gamma"], rng)
+            eps = (rmax_episodes(desc, dc["qlearn_episodes"], dc["qlearn_gamma"], rng) if dc["learner"] == "rmax"
+                   else q_learning_episodes(desc, dc["qlearn_episodes"], dc["qlearn_lr"], dc["qlearn_gamma"], rng))
             runs.append([[e.observations, e.actions, e.rewards, e.truncated] for e in eps])
         episodes.append(runs)
     rng, sets = random.Random(f"{dc['data_seed']}/{dc['split']}/sets"), []
@@ -329,7 +384,18 @@ def load_episode_sets(cfg: TrainConfig, split: str) -> list[list[dqn.Episode]]:
         _atomic_write_text(manifest_file, json.dumps(manifest, indent=1))
     data = json.loads(text)
     order = sorted if cfg.set_order == "chronological" else list  # the stored sets are shuffled
-    return [[dqn.Episode(*data["episodes"][m][r][i]) for i in order(chosen)] for m, r, chosen in data["sets"]]
+    sets = [[dqn.Episode(*data["episodes"][m][r][i]) for i in order(chosen)] for m, r, chosen in data["sets"]]
+    for (m, _, _), episodes in zip(data["sets"], sets):
+        for ep in episodes:
+            ep.ncol = len(dc["maps"][m][0])
+    if cfg.canvas:  # training sets at a random place on the canvas, held-out ones at (0, 0) like the evaluation
+        rng = random.Random(f"{cfg.seed}/canvas")
+        for i, (m, _, _) in enumerate(data["sets"]):
+            rows, cols = len(dc["maps"][m]), len(dc["maps"][m][0])
+            offset = ((int(rng.random() * (dqn.CANVAS - rows + 1)), int(rng.random() * (dqn.CANVAS - cols + 1)))
+                      if split == "train" else (0, 0))
+            sets[i] = [dqn.to_canvas(ep, *offset) for ep in sets[i]]
+    return sets
 
 
 def play_maps(model, adapter, fmt, maps, context_len, seed) -> list[list[dqn.Episode]]:
@@ -341,7 +407,7 @@ def play_maps(model, adapter, fmt, maps, context_len, seed) -> list[list[dqn.Epi
     policy = evaluate.ModelPolicy(model, fmt, adapter, context=context_len)
     out = evaluate.run_episodes(policy, [[m] for m in maps], evaluate.schedule(30), seed=seed)
     model.train(was_training)
-    return [[dqn.Episode(obs, acts, [0.0] * (len(acts) - 1) + [won], trunc)
+    return [[dqn.Episode(obs, acts, [0.0] * (len(acts) - 1) + [won], trunc, ncol=len(maps[r][0]))
              for obs, acts, won, trunc in zip(out["paths"][r], out["actions"][r], out["success"][r],
                                               out["truncated"][r])] for r in range(len(maps))]
 
@@ -366,7 +432,7 @@ def relabel_states(episode_sets: list[list[dqn.Episode]], rng: random.Random) ->
     out = []
     for episodes in episode_sets:
         perm = rng.sample(range(64), 64)
-        out.append([dqn.Episode([perm[s] for s in e.observations], e.actions, e.rewards, e.truncated)
+        out.append([dqn.Episode([perm[s] for s in e.observations], e.actions, e.rewards, e.truncated, e.ncol)
                     for e in episodes])
     return out
 
@@ -487,7 +553,14 @@ def load_policy(run_or_checkpoint_dir, device="cpu"):
     model.eval().requires_grad_(False)
     if adapter is not None:
         adapter.requires_grad_(False)
-    return model, adapter, tokenizer, dqn.TrajectoryFormat.for_tokenizer(tokenizer)
+    return model, adapter, tokenizer, trajectory_format(cfg, tokenizer)
+
+
+def trajectory_format(cfg: TrainConfig, tokenizer) -> "dqn.TrajectoryFormat | dqn.CompactFormat":
+    fmt = dqn.TrajectoryFormat.for_tokenizer(tokenizer)
+    if cfg.canvas:
+        fmt.canvas = True
+    return fmt
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -515,8 +588,8 @@ def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, a
         else:
             q_online = dqn.q_values(model, batch["tokens"], batch["q_positions"], action_ids, adapter)  # (B, P, 4)
     if cfg.targets == "mc":
-        return dqn.td_loss(q_online, dqn.monte_carlo_targets(batch, cfg.gamma, cfg.reward_scale), batch,
-                           cfg.normalize_by_mean_target), aux
+        targets = dqn.monte_carlo_targets(batch, cfg.gamma, cfg.reward_scale, cfg.novelty_bonus)  # (B, P)
+        return dqn.td_loss(q_online, targets, batch, cfg.normalize_by_mean_target), aux
     with autocast(), torch.no_grad():
         q_target = dqn.q_values(target, batch["tokens"], batch["q_positions"], action_ids, target_adapter)
     targets = dqn.bellman_targets(q_online, q_target, batch, cfg.gamma, cfg.reward_scale)  # (B, P), no grad
@@ -542,7 +615,7 @@ def train(cfg: TrainConfig) -> Path:
     if world > 1:
         dist.barrier()
     model, adapter, target, target_adapter, tokenizer = build_policy(cfg, device, resume_from)
-    fmt = dqn.TrajectoryFormat.for_tokenizer(tokenizer)
+    fmt = trajectory_format(cfg, tokenizer)
     pad_id = fmt.eos[0]  # right padding: causal attention keeps real tokens from seeing it
     train_sets = load_episode_sets(cfg, "train")
     if cfg.relabel_states:

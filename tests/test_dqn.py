@@ -421,3 +421,35 @@ def test_next_token_loss_skips_q_positions_and_padding(compact):
     dqn.next_token_loss(logits, batch).backward()
     assert logits.grad[1, [1, 3]].abs().sum() == 0 and logits.grad[1, 9:].abs().sum() == 0
     assert logits.grad[1, 2].abs().sum() > 0
+
+
+def test_canvas_states_by_hand(compact):
+    tok, fmt = compact
+    # a 3-wide map: tiles 0 (r0 c0), 1 (r0 c1), 4 (r1 c1); placed at row 1, column 2 of the 8x8 canvas
+    ep = Episode([0, 1, 4], [RIGHT, DOWN], [0.0, 1.0], ncol=3)
+    moved = dqn.to_canvas(ep, 1, 2)
+    assert moved.observations == [10, 11, 19] and moved.ncol == 8 and moved.actions == ep.actions
+    assert dqn.to_canvas(moved).observations == moved.observations  # already on the canvas: unchanged
+    canvas = dqn.CompactFormat(fmt.ids, canvas=True)
+    assert dqn.tokenize_episode(ep, canvas) == dqn.tokenize_episode(Episode([0, 1, 9], [RIGHT, DOWN], [0.0, 1.0]), fmt)
+    with pytest.raises(ValueError, match="needs each episode's map width"):
+        dqn.tokenize_episode(Episode([0, 1], [RIGHT], [0.0]), canvas)
+    with pytest.raises(ValueError, match="leaves the 8x8 canvas"):
+        dqn.to_canvas(ep, 0, 6)
+    with pytest.raises(ValueError, match="leaves the 8x8 canvas"):
+        dqn.to_canvas(Episode([0, 7], [DOWN], [0.0], ncol=1), 1, 0)
+
+
+def test_novelty_bonus_by_hand(compact):
+    tok, fmt = compact
+    # 0 -right-> 1 -right-> 2 -left-> 1 (seen) -down-> 5 (goal); then another episode 0 -down-> 4 (a new state)
+    first = Episode([0, 1, 2, 1, 5], [RIGHT, RIGHT, LEFT, DOWN], [0.0, 0.0, 0.0, 1.0])
+    second = Episode([0, 4], [DOWN], [0.0])
+    (sl,) = dqn.pack_slices([[first], [second]], fmt, 4096, random.Random(0))
+    assert sl.novel == [True, True, False, True, True]
+    batch = dqn.collate([sl], fmt.eos[0])
+    plain = dqn.monte_carlo_targets(batch, gamma=0.5, reward_scale=30.0)
+    assert plain.tolist() == [[3.75, 7.5, 15.0, 30.0, 0.0]]  # 30 · 0.5^(T-1-t) · R
+    # bonus 2 · (novel_t + 0.5 novel_t+1 + ...): 1.625, 1.25, 0.5, 1 within the first episode, 1 for the second
+    with_bonus = dqn.monte_carlo_targets(batch, gamma=0.5, reward_scale=30.0, novelty_bonus=2.0)
+    torch.testing.assert_close(with_bonus - plain, torch.tensor([[3.25, 2.5, 1.0, 2.0, 2.0]]))

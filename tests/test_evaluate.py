@@ -201,6 +201,27 @@ def test_context_text_is_dqn_tokenize_episode(fmt_name):
     assert any(ep.truncated for eps in policy.episodes.values() for ep in eps)  # the edit block is covered
 
 
+def test_canvas_context_writes_each_tile_at_row_times_8_plus_col():
+    """Under a canvas format the live context is still tokenize_episode's text, and its observation tokens are the
+    canvas tiles of the maps (3 to 7 columns wide): state s of a map of width w is written as (s // w)·8 + s % w."""
+    model, fmt = tiny_model(fmt="compact")
+    fmt.canvas = True
+    policy = Recorder(evaluate.ModelPolicy(model, fmt, context=100_000))
+    maps = [[m] for m in frozenlake.test_maps()[:2] + frozenlake.test_maps()[8:9] + frozenlake.ood_maps()[:1]]
+    assert {len(m[0][0]) for m in maps} == {3, 4, 5, 7}
+    evaluate.run_episodes(policy, maps, [0.0, 0.5], seed=1, max_steps=20)
+    assert policy.policy.mismatches == 0
+    obs_id = {fmt.ids[f"<|obs_{s}|>"]: s for s in range(64)}
+    for row, (desc,) in enumerate(maps):
+        width = len(desc[0])
+        assert all(ep.ncol == width for ep in policy.episodes[row])
+        assert policy.policy.rows[row].tokens == sum((dqn.tokenize_episode(ep, fmt)[0]
+                                                      for ep in policy.episodes[row]), [])
+        written = [obs_id[t] for t in policy.policy.rows[row].tokens if t in obs_id]
+        expected = [(s // width) * 8 + s % width for ep in policy.episodes[row] for s in ep.observations]
+        assert written == expected
+
+
 @pytest.mark.slow
 def test_cached_batched_path_chooses_the_same_actions_as_recompute():
     """Maps of 3x3 to 7x7 in one batch, rows at different history lengths; a 300-token context forces overflows

@@ -1,6 +1,7 @@
 """train.py: data generation and its cache, the loop's checkpoints, exact resume, Ctrl-C, NaN stop, 2-process gloo
 data parallelism, bad input, load_policy. Every run uses a tiny model and context so the file stays ~2 minutes."""
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -42,18 +43,41 @@ def test_q_learning_episodes_replay_in_the_env_and_improve():
     early = late = 0
     for m, desc in enumerate(maps):
         eps = train.q_learning_episodes(desc, 60, 0.5, 0.95, random.Random(m))
-        for ep in eps:  # each recorded episode is a real trajectory of the lake (independent replay)
-            dqn.check_episode(ep)
-            env = frozenlake.FrozenLake(desc)
-            env.s, env.steps = ep.observations[0], 0
-            for t, a in enumerate(ep.actions):
-                s, r, terminated, truncated, _ = env.step(a)
-                assert (s, r) == (ep.observations[t + 1], ep.rewards[t])
-            assert terminated or truncated
-            assert ep.truncated == (truncated and not terminated)
+        for ep in eps:
+            assert_replays(desc, ep)
         early += sum(sum(e.rewards) > 0 for e in eps[:10])
         late += sum(sum(e.rewards) > 0 for e in eps[-10:])
     assert late > 2 * early  # early failures -> later successes, the learning history the paper trains on
+
+
+def assert_replays(desc, ep):
+    """The recorded episode is a real trajectory of the lake (independent replay)."""
+    dqn.check_episode(ep)
+    env = frozenlake.FrozenLake(desc)
+    env.s, env.steps = ep.observations[0], 0
+    for t, a in enumerate(ep.actions):
+        s, r, terminated, truncated, _ = env.step(a)
+        assert (s, r) == (ep.observations[t + 1], ep.rewards[t])
+    assert terminated or truncated
+    assert ep.truncated == (truncated and not terminated)
+
+
+def test_rmax_episodes_replay_and_learn_faster_than_q_learning(tmp_path):
+    maps = frozenlake.train_maps()[:20]
+    late = {"rmax": 0, "qlearning": 0}
+    for m, desc in enumerate(maps):
+        rmax = train.rmax_episodes(desc, 60, 0.95, random.Random(m))
+        for ep in rmax:
+            assert_replays(desc, ep)
+        late["rmax"] += sum(sum(e.rewards) > 0 for e in rmax[-10:])
+        late["qlearning"] += sum(sum(e.rewards) > 0 for e in train.q_learning_episodes(desc, 60, 0.5, 0.95,
+                                                                                       random.Random(m))[-10:])
+    # same ε schedule (0.05 at the end): R-max knows the way by then; Q-learning is still learning
+    assert late["rmax"] >= 0.85 * 200 and late["rmax"] > late["qlearning"] + 20, late
+    # the learner is part of the data config: its own cache
+    sets = train.load_episode_sets(tiny(tmp_path, learner="rmax"), "train")
+    assert sets != train.load_episode_sets(tiny(tmp_path), "train")
+    assert len(list((tmp_path / "data").glob("train-*"))) == 2
 
 
 def test_sample_set_weights_counts():
@@ -143,6 +167,10 @@ def test_bad_input_fails_before_any_work(tmp_path):
         train.train(train.make_config("smollm2", format="compact", data_dir=str(tmp_path / "d")))
     with pytest.raises(ValueError, match="--aux-lm is a loss weight, got -1.0"):
         train.train(tiny(tmp_path, aux_lm=-1.0))
+    with pytest.raises(ValueError, match="--novelty-bonus is added to the Monte-Carlo targets"):
+        train.train(tiny(tmp_path, targets="dqn", novelty_bonus=1.0))
+    with pytest.raises(ValueError, match="--canvas writes the compact format"):
+        train.train(tiny(tmp_path, canvas=True, format="paper"))
     with pytest.raises(ValueError, match="0 <= online_share <= 1"):
         train.train(tiny(tmp_path, online_every=5, online_share=1.5))
     ckpt = tmp_path / "run" / "checkpoints" / "step_000002"  # a checkpoint of another model shape
@@ -372,3 +400,44 @@ def test_aux_next_token_loss_reads_the_same_q_values_and_is_logged(tmp_path):
     aux = [r["next_token_loss"] for r in rows]
     assert aux[0] == pytest.approx(math.log(tok.n_words), rel=0.05)  # untrained: about uniform over the vocabulary
     assert aux[-1] < aux[0] - 0.5
+
+
+def test_canvas_sets_sit_at_one_random_offset_each_and_held_out_at_the_origin(tmp_path):
+    cfg = tiny(tmp_path, canvas=True, n_maps=8)
+    maps = frozenlake.train_maps(cfg.n_maps)
+    plain = train.load_episode_sets(dataclasses.replace(cfg, canvas=False), "train")
+    data = json.loads(next(Path(cfg.data_dir).glob("train-*/episodes.json")).read_text())
+    offsets = set()
+    for (m, _, _), before, after in zip(data["sets"], plain, train.load_episode_sets(cfg, "train")):
+        nrow, ncol = len(maps[m]), len(maps[m][0])
+        rows = {s // 8 - b // ncol for e, f in zip(before, after) for b, s in zip(e.observations, f.observations)}
+        cols = {s % 8 - b % ncol for e, f in zip(before, after) for b, s in zip(e.observations, f.observations)}
+        assert len(rows) == len(cols) == 1  # one offset per set ...
+        (dr,), (dc,) = rows, cols
+        assert 0 <= dr <= 8 - nrow and 0 <= dc <= 8 - ncol  # ... that keeps the map on the canvas
+        assert all(f.ncol == 8 for f in after)
+        offsets.add((dr, dc))
+    assert len(offsets) > 3
+    held, held_plain = (sum(train.load_episode_sets(c, "heldout"), [])
+                        for c in (cfg, dataclasses.replace(cfg, canvas=False)))
+    assert held == [dqn.to_canvas(e) for e in held_plain]  # at (0, 0), as evaluate.py writes the test maps
+    run = train.train(dataclasses.replace(cfg, steps=2))
+    _, _, _, fmt = train.load_policy(run)
+    assert fmt.canvas
+
+
+def test_novelty_bonus_reaches_the_td_loss(tmp_path):
+    cfg = tiny(tmp_path, novelty_bonus=2.0)
+    tok = train.small_tokenizer(cfg.format)
+    fmt = dqn.TrajectoryFormat.for_tokenizer(tok)
+    model = train.small_model(cfg, tok.n_words, tok.special_tokens)
+    batch = dqn.collate(dqn.pack_slices([[dqn.Episode([0, 1, 2], [2, 2], [0.0, 1.0])]], fmt, 160, random.Random(0)),
+                        fmt.eos[0])
+    ids = torch.tensor(fmt.action_ids)
+    q = dqn.q_values(model, batch["tokens"], batch["q_positions"], ids)
+    for bonus in (0.0, 2.0):
+        loss, _ = train.td_loss_on(batch, model, None, model, None, ids, dataclasses.replace(cfg, novelty_bonus=bonus),
+                                   contextlib.nullcontext)
+        targets = dqn.monte_carlo_targets(batch, cfg.gamma, cfg.reward_scale, bonus)
+        torch.testing.assert_close(loss, dqn.td_loss(q, targets, batch))
+    assert targets.tolist()[0] == pytest.approx([30 * 0.9 + 2 * 1.9, 30 + 2])  # states 1 and 2 are both new
