@@ -69,11 +69,13 @@ def test_rmax_episodes_replay_and_learn_faster_than_q_learning(tmp_path):
         rmax = train.rmax_episodes(desc, 60, 0.95, random.Random(m))
         for ep in rmax:
             assert_replays(desc, ep)
-        late["rmax"] += sum(sum(e.rewards) > 0 for e in rmax[-10:])
+        late["rmax"] += sum(sum(e.rewards) > 0 for e in rmax[20:])
         late["qlearning"] += sum(sum(e.rewards) > 0 for e in train.q_learning_episodes(desc, 60, 0.5, 0.95,
-                                                                                       random.Random(m))[-10:])
-    # same ε schedule (0.05 at the end): R-max knows the way by then; Q-learning is still learning
-    assert late["rmax"] >= 0.85 * 200 and late["rmax"] > late["qlearning"] + 20, late
+                                                                                       random.Random(m))[20:])
+        late["rmax, last 10"] = late.get("rmax, last 10", 0) + sum(sum(e.rewards) > 0 for e in rmax[-10:])
+    # same ε schedule (still 0.68 at episode 20, 0.05 at the end): R-max's model turns the greedy steps into
+    # successes sooner than Q-learning's table (measured 592 vs 543 of 800; the last 10: 185 of 200)
+    assert late["rmax"] > late["qlearning"] + 25 and late["rmax, last 10"] >= 0.85 * 200, late
     # the learner is part of the data config: its own cache
     sets = train.load_episode_sets(tiny(tmp_path, learner="rmax"), "train")
     assert sets != train.load_episode_sets(tiny(tmp_path), "train")
@@ -123,8 +125,10 @@ def test_chronological_sets_keep_the_q_learners_order(tmp_path):
     (where,) = (tmp_path / "data").glob("train-*")  # one data set on disk: the order is applied when loading
     data = json.loads((where / "episodes.json").read_text())
     for (m, r, chosen), a, b in zip(data["sets"], shuffled, chrono):
-        assert a == [dqn.Episode(*data["episodes"][m][r][i]) for i in chosen]
-        assert b == [dqn.Episode(*data["episodes"][m][r][i]) for i in sorted(chosen)] and chosen != sorted(chosen)
+        ncol = len(frozenlake.train_maps(30)[m][0])  # loading also records each episode's map width
+        assert a == [dqn.Episode(*data["episodes"][m][r][i], ncol=ncol) for i in chosen]
+        assert b == [dqn.Episode(*data["episodes"][m][r][i], ncol=ncol) for i in sorted(chosen)]
+        assert chosen != sorted(chosen)
     wins = lambda sets, half: sum(sum(e.rewards) > 0 for s in sets for e in (s[:10] if half == 0 else s[10:]))
     assert wins(chrono, 1) > 1.5 * wins(chrono, 0)
     assert abs(wins(shuffled, 1) - wins(shuffled, 0)) < 0.25 * wins(shuffled, 1)
