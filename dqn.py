@@ -319,7 +319,6 @@ class Slice:
     to_go: list[int] = field(default_factory=list)         # actions after this one in its episode (Monte-Carlo)
     returns: list[float] = field(default_factory=list)     # its episode's reward (0 if truncated), at every action
     novel: list[bool] = field(default_factory=list)        # the action reached a state not yet in this slice
-    fell: list[bool] = field(default_factory=list)         # its episode ended in a hole, at every action
     seen: set = field(default_factory=set, repr=False)     # states written in this slice so far
 
 
@@ -334,7 +333,6 @@ def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[
     s.next_index += [first + t + 1 if t < n - 1 else -1 for t in range(n)]
     s.to_go += [n - 1 - t for t in range(n)]
     s.returns += [episode_reward] * n
-    s.fell += [not ep.truncated and episode_reward == 0.0] * n
     s.seen.add(ep.observations[0])
     for state in ep.observations[1:]:
         s.novel.append(state not in s.seen)
@@ -381,14 +379,14 @@ def collate(slices: list[Slice], pad_id: int) -> dict[str, torch.Tensor]:
            "rewards": torch.zeros(B, P), "is_last": torch.ones(B, P, dtype=torch.bool),
            "next_index": torch.full((B, P), -1, dtype=torch.long), "mask": torch.zeros(B, P, dtype=torch.bool),
            "to_go": torch.zeros(B, P, dtype=torch.long), "returns": torch.zeros(B, P),
-           "novel": torch.zeros(B, P), "fell": torch.zeros(B, P),
+           "novel": torch.zeros(B, P),
            "lm_mask": torch.zeros(B, T, dtype=torch.bool)}
     for b, s in enumerate(slices):
         n = len(s.actions)
         out["tokens"][b, :len(s.tokens)] = torch.tensor(s.tokens, dtype=torch.long)
         out["lm_mask"][b, :len(s.tokens) - 1] = True  # position t predicts token t+1: real tokens only ...
         out["lm_mask"][b, s.q_positions] = False       # ... and not the actions: their logits are Q-values
-        for key in ("q_positions", "actions", "rewards", "is_last", "next_index", "to_go", "returns", "novel", "fell"):
+        for key in ("q_positions", "actions", "rewards", "is_last", "next_index", "to_go", "returns", "novel"):
             out[key][b, :n] = torch.tensor(getattr(s, key), dtype=out[key].dtype)
         out["mask"][b, :n] = True
     return out
@@ -419,14 +417,12 @@ def bellman_targets(q_online, q_target, batch, gamma=0.9, reward_scale=30.0) -> 
     return torch.where(is_last, final, bootstrap)
 
 
-def monte_carlo_targets(batch, gamma=0.9, reward_scale=30.0, novelty_bonus=0.0, hole_penalty=0.0) -> torch.Tensor:
+def monte_carlo_targets(batch, gamma=0.9, reward_scale=30.0, novelty_bonus=0.0) -> torch.Tensor:
     """y_t = reward_scale · γ^(T−1−t) · R: the discounted return of each action's own episode (our option, not the
     paper's: no target network, no bootstrapping; R = 0 for failed or truncated episodes). (B, P).
     novelty_bonus β > 0 adds β · Σ_{k≥t} γ^(k−t) · novel_k, an exploration bonus for every later step of the episode
-    that reached a state the context had not shown yet (count-based exploration, our option). hole_penalty c > 0
-    subtracts c · γ^(T−1−t) from every action of an episode that ended in a hole (reward −c there, our option)."""
-    discount = gamma ** batch["to_go"].float()                               # (B, P) γ^(T−1−t)
-    y = reward_scale * (batch["returns"].float() - hole_penalty * batch["fell"].float()) * discount
+    that reached a state the context had not shown yet (count-based exploration, our option)."""
+    y = reward_scale * batch["returns"].float() * gamma ** batch["to_go"].float()
     if novelty_bonus:
         novel, nxt, last = batch["novel"].float(), batch["next_index"].clamp(min=0), batch["is_last"]
         g = torch.zeros_like(novel)                                   # g_t = novel_t + γ·g_{t+1}, backwards

@@ -139,8 +139,6 @@ class TrainConfig:
                           "discounted return of the action's episode: no target network)", choices=("dqn", "mc"))
     novelty_bonus: float = option(0.0, "--targets mc: add this x the discounted count of the episode's later steps "
                                   "that reach a state new to the context (an exploration bonus, not the paper's)")
-    hole_penalty: float = option(0.0, "--targets mc: a hole gives reward -this (x reward_scale) instead of 0, so "
-                                 "moves into holes seen in the context stand out below the rest (not the paper's)")
     aux_lm: float = option(10.0, "weight of an auxiliary next-token loss at the non-Q positions (next observation, "
                            "hole/goal, recap: dqn.next_token_loss; not the paper's), added to the TD loss (0: off)")
     normalize_by_mean_target: bool = option(False, "divide the TD error by the detached mean target (authors' code)")
@@ -212,8 +210,8 @@ def check_config(cfg: TrainConfig):
                          f"text with its base model's tokenizer: drop --format or use --preset cpu")
     if cfg.canvas and cfg.format != "compact":
         raise ValueError("--canvas writes the compact format's state tokens; add --format compact (cpu preset)")
-    if (cfg.novelty_bonus or cfg.hole_penalty) and cfg.targets != "mc":
-        raise ValueError("--novelty-bonus and --hole-penalty shape the Monte-Carlo targets: use them with --targets mc")
+    if cfg.novelty_bonus and cfg.targets != "mc":
+        raise ValueError("--novelty-bonus is added to the Monte-Carlo targets: use it with --targets mc")
     if cfg.aux_lm < 0:
         raise ValueError(f"--aux-lm is a loss weight, got {cfg.aux_lm}: use 0 to turn the next-token loss off")
     if cfg.online_every < 0 or not 0.0 <= cfg.online_share <= 1.0 or cfg.online_maps < 1 or cfg.online_keep < 1:
@@ -593,8 +591,7 @@ def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, a
         else:
             q_online = dqn.q_values(model, batch["tokens"], batch["q_positions"], action_ids, adapter)  # (B, P, 4)
     if cfg.targets == "mc":
-        targets = dqn.monte_carlo_targets(batch, cfg.gamma, cfg.reward_scale, cfg.novelty_bonus,
-                                          cfg.hole_penalty)  # (B, P)
+        targets = dqn.monte_carlo_targets(batch, cfg.gamma, cfg.reward_scale, cfg.novelty_bonus)  # (B, P)
         return dqn.td_loss(q_online, targets, batch, cfg.normalize_by_mean_target), aux
     with autocast(), torch.no_grad():
         q_target = dqn.q_values(target, batch["tokens"], batch["q_positions"], action_ids, target_adapter)

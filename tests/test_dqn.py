@@ -440,7 +440,7 @@ def test_canvas_states_by_hand(compact):
         dqn.to_canvas(Episode([0, 7], [DOWN], [0.0], ncol=1), 1, 0)
 
 
-def test_novelty_bonus_and_hole_penalty_by_hand(compact):
+def test_novelty_bonus_by_hand(compact):
     tok, fmt = compact
     # 0 -right-> 1 -right-> 2 -left-> 1 (seen) -down-> 5 (goal); then another episode 0 -down-> 4 (a new state)
     first = Episode([0, 1, 2, 1, 5], [RIGHT, RIGHT, LEFT, DOWN], [0.0, 0.0, 0.0, 1.0])
@@ -453,10 +453,3 @@ def test_novelty_bonus_and_hole_penalty_by_hand(compact):
     # bonus 2 · (novel_t + 0.5 novel_t+1 + ...): 1.625, 1.25, 0.5, 1 within the first episode, 1 for the second
     with_bonus = dqn.monte_carlo_targets(batch, gamma=0.5, reward_scale=30.0, novelty_bonus=2.0)
     torch.testing.assert_close(with_bonus - plain, torch.tensor([[3.25, 2.5, 1.0, 2.0, 2.0]]))
-
-    # hole penalty 0.5: the second episode fell into a hole (not truncated, reward 0): -30 · 0.5 · γ^(T-1-t) there
-    fell = dqn.monte_carlo_targets(batch, gamma=0.5, reward_scale=30.0, hole_penalty=0.5)
-    assert sl.fell == [False] * 4 + [True] and (fell - plain).tolist() == [[0.0, 0.0, 0.0, 0.0, -15.0]]
-    truncated = dqn.collate(dqn.pack_slices([[Episode([0, 0], [LEFT], [0.0], truncated=True)]], fmt, 64,
-                                            random.Random(0)), fmt.eos[0])
-    assert dqn.monte_carlo_targets(truncated, hole_penalty=0.5).tolist() == [[0.0]]  # the step limit is no hole

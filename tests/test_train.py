@@ -171,7 +171,7 @@ def test_bad_input_fails_before_any_work(tmp_path):
         train.train(train.make_config("smollm2", format="compact", data_dir=str(tmp_path / "d")))
     with pytest.raises(ValueError, match="--aux-lm is a loss weight, got -1.0"):
         train.train(tiny(tmp_path, aux_lm=-1.0))
-    with pytest.raises(ValueError, match="--novelty-bonus and --hole-penalty shape the Monte-Carlo targets"):
+    with pytest.raises(ValueError, match="--novelty-bonus is added to the Monte-Carlo targets"):
         train.train(tiny(tmp_path, targets="dqn", novelty_bonus=1.0))
     with pytest.raises(ValueError, match="--canvas writes the compact format"):
         train.train(tiny(tmp_path, canvas=True, format="paper"))
