@@ -268,9 +268,13 @@ class CompactFormat:
 CANVAS = 8  # the canvas is 8 x 8: the largest map the 64 state tokens hold
 
 
-def canvas_state(s: int, ncol: int, row_offset: int = 0, col_offset: int = 0) -> int:
+def canvas_state(s: int, ncol: int | None, row_offset: int = 0, col_offset: int = 0) -> int:
     """A map's state row·ncol + col as the canvas tile (row + row_offset)·8 + (col + col_offset)."""
+    if ncol is None:
+        raise ValueError("a canvas format needs each episode's map width: set Episode.ncol = len(desc[0])")
     row, col = divmod(s, ncol)
+    if row + row_offset >= CANVAS or col_offset + ncol > CANVAS:
+        raise ValueError(f"a map of width {ncol} at offset ({row_offset}, {col_offset}) leaves the 8x8 canvas")
     return (row + row_offset) * CANVAS + col + col_offset
 
 
@@ -278,11 +282,7 @@ def to_canvas(ep: Episode, row_offset: int = 0, col_offset: int = 0) -> Episode:
     """The episode with its states written as canvas tiles (ep.ncol = its map's width), then ncol = 8. Our option for
     the compact format, not the paper's: "down" is +8 on every map and a map placed at random offsets in training
     uses all 64 state tokens, so maps wider than the training ones (the ood set) only meet tokens it has learned."""
-    if ep.ncol is None:
-        raise ValueError("a canvas format needs each episode's map width: set Episode.ncol = len(desc[0])")
     states = [canvas_state(s, ep.ncol, row_offset, col_offset) for s in ep.observations]
-    if max(states) >= CANVAS * CANVAS or col_offset + ep.ncol > CANVAS:
-        raise ValueError(f"a map of width {ep.ncol} at offset ({row_offset}, {col_offset}) leaves the 8x8 canvas")
     return Episode(states, ep.actions, ep.rewards, ep.truncated, CANVAS)
 
 

@@ -289,7 +289,7 @@ class ModelPolicy:
 
     def _state(self, episode, t):  # the state number the format writes (the canvas tile under a canvas format)
         s = episode.observations[t]
-        return dqn.to_canvas(Episode([s], [], [], ncol=episode.ncol)).observations[0] if self.canvas else s
+        return dqn.canvas_state(s, episode.ncol) if self.canvas else s
 
     def _trim(self, st):
         """Drop the oldest whole episodes until the context fits; if the unfinished episode alone does not fit, also

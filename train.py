@@ -254,10 +254,10 @@ def max_seq_len(cfg: TrainConfig) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 # Data: tabular Q-learning histories on each map, then sets of 20-40 episodes of one map.
 
-def q_learning_episodes(desc, n_episodes, lr, gamma, rng: random.Random) -> list[dqn.Episode]:
-    """A tabular Q-learner from scratch; ε-greedy with ε linear from 1 to 0.05 over the run, ties broken at random."""
+def epsilon_greedy_episodes(desc, n_episodes, rng: random.Random, values, learn) -> list[dqn.Episode]:
+    """The loop both data learners share: ε linear from 1 to 0.05 over the run; a greedy step takes the best of
+    values(s) (4 action values), ties broken at random; learn(s, a, r, s', terminated) after every step."""
     env = frozenlake.FrozenLake(desc, max_steps=100)
-    Q = [[0.0] * 4 for _ in range(env.observation_space.n)]
     episodes = []
     for k in range(n_episodes):
         eps = 1.0 + (0.05 - 1.0) * k / max(n_episodes - 1, 1)
@@ -267,59 +267,53 @@ def q_learning_episodes(desc, n_episodes, lr, gamma, rng: random.Random) -> list
             if rng.random() < eps:
                 a = int(rng.random() * 4)
             else:
-                best = max(Q[s])
-                ties = [b for b in range(4) if Q[s][b] == best]
+                q = values(s)
+                ties = [b for b in range(4) if q[b] == max(q)]
                 a = ties[int(rng.random() * len(ties))]
             s2, r, terminated, truncated, _ = env.step(a)
-            Q[s][a] += lr * (r + gamma * max(Q[s2]) * (not terminated) - Q[s][a])  # Q ← Q + lr·(r + γ max Q' − Q)
+            learn(s, a, r, s2, terminated)
             obs.append(s2), acts.append(a), rews.append(float(r))
             s = s2
             if terminated or truncated:
                 episodes.append(dqn.Episode(obs, acts, rews, truncated=truncated and not terminated))
                 break
     return episodes
+
+
+def q_learning_episodes(desc, n_episodes, lr, gamma, rng: random.Random) -> list[dqn.Episode]:
+    """A tabular Q-learner from scratch, ε-greedy (epsilon_greedy_episodes)."""
+    Q = [[0.0] * 4 for _ in range(len(desc) * len(desc[0]))]
+
+    def learn(s, a, r, s2, terminated):  # Q ← Q + lr·(r + γ max Q' − Q)
+        Q[s][a] += lr * (r + gamma * max(Q[s2]) * (not terminated) - Q[s][a])
+    return epsilon_greedy_episodes(desc, n_episodes, rng, lambda s: Q[s], learn)
 
 
 def rmax_episodes(desc, n_episodes, gamma, rng: random.Random) -> list[dqn.Episode]:
     """R-max (Brafman & Tennenholtz 2002) for a deterministic lake, from scratch: it learns the moves it has tried and
     where episodes ended; an untried (s, a) is worth the maximum reward 1 (optimism), so its greedy policy walks to the
     nearest untried move until a goal is known, then takes the shortest known path. It knows nothing of the grid.
-    Same ε schedule as q_learning_episodes (linear 1 -> 0.05), ties broken at random."""
-    env = frozenlake.FrozenLake(desc, max_steps=100)
-    n = env.observation_space.n
+    Same ε schedule as q_learning_episodes (epsilon_greedy_episodes)."""
+    n = len(desc) * len(desc[0])
     move = [[None] * 4 for _ in range(n)]  # the learned model: s, a -> s' (None: untried)
     ended = {}                              # a state where an episode terminated -> its reward (1 goal, 0 hole)
+    q = []                                  # the current plan, Q(s, a)
 
     def plan():  # value iteration on the learned model: Q(s, a) = 1 untried, r at an end, else γ·max Q(s', ·)
         v = [0.0] * n
         for _ in range(n + 1):
-            q = [[1.0 if t is None else ended[t] if t in ended else gamma * v[t] for t in move[s]] for s in range(n)]
+            q[:] = [[1.0 if t is None else ended[t] if t in ended else gamma * v[t] for t in move[s]]
+                    for s in range(n)]
             v = [max(row) for row in q]
-        return q
 
-    episodes, q = [], plan()
-    for k in range(n_episodes):
-        eps = 1.0 + (0.05 - 1.0) * k / max(n_episodes - 1, 1)
-        s, _ = env.reset(seed=int(rng.random() * 2**31))
-        obs, acts, rews = [s], [], []
-        while True:
-            if rng.random() < eps:
-                a = int(rng.random() * 4)
-            else:
-                ties = [b for b in range(4) if q[s][b] == max(q[s])]
-                a = ties[int(rng.random() * len(ties))]
-            s2, r, terminated, truncated, _ = env.step(a)
-            if move[s][a] is None:  # a goal or hole ends the episode whenever it is entered: first entry tells
-                move[s][a] = s2
-                if terminated:
-                    ended[s2] = float(r)
-                q = plan()  # replan only when the model learned something
-            obs.append(s2), acts.append(a), rews.append(float(r))
-            s = s2
-            if terminated or truncated:
-                episodes.append(dqn.Episode(obs, acts, rews, truncated=truncated and not terminated))
-                break
-    return episodes
+    def learn(s, a, r, s2, terminated):
+        if move[s][a] is None:  # a goal or hole ends the episode whenever it is entered: first entry tells
+            move[s][a] = s2
+            if terminated:
+                ended[s2] = float(r)
+            plan()  # replan only when the model learned something
+    plan()
+    return epsilon_greedy_episodes(desc, n_episodes, rng, lambda s: q[s], learn)
 
 
 def quality_weight(ep: dqn.Episode, quality: str) -> float:
