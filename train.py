@@ -55,6 +55,7 @@ import tempfile
 import threading
 import time
 import typing
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -538,6 +539,18 @@ def check_resumable(cfg: TrainConfig, run_dir: Path) -> Path:
     return ckpt
 
 
+def saved_config(ckpt: Path) -> TrainConfig:
+    """The TrainConfig a checkpoint was trained with. Keys this version no longer has (an option since removed) are
+    dropped with a warning rather than refused, so older runs still evaluate."""
+    saved = json.loads((ckpt / "train_config.json").read_text())
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        warnings.warn(f"{ckpt}/train_config.json has options this train.py does not know ({', '.join(unknown)}); "
+                      f"they are ignored: the policy loads as trained, their effect on training is not re-checked")
+    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+
+
 def load_policy(run_or_checkpoint_dir, device="cpu"):
     """-> (model, adapter or None, tokenizer, fmt) of the latest checkpoint of a run dir, or of a checkpoint dir.
     cpu preset: the trained small model (adapter None); IA3 presets: the frozen base model + the online adapter."""
@@ -545,7 +558,7 @@ def load_policy(run_or_checkpoint_dir, device="cpu"):
     ckpt = path if (path / "train_config.json").is_file() else latest_checkpoint(path)
     if ckpt is None or not (ckpt / "train_config.json").is_file():
         raise FileNotFoundError(f"{path}: neither a train.py run dir (with 'latest') nor a checkpoint dir")
-    cfg = TrainConfig(**json.loads((ckpt / "train_config.json").read_text()))
+    cfg = saved_config(ckpt)
     model, adapter, _, _, tokenizer = build_policy(cfg, device, checkpoint=ckpt)
     model.eval().requires_grad_(False)
     if adapter is not None:

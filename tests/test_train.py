@@ -225,6 +225,13 @@ def test_tiny_run_writes_checkpoints_metrics_png_and_loads(tmp_path):
         ref = hf(tokens).logits[0, qp][:, fmt.action_ids]
     torch.testing.assert_close(q[0], ref, atol=1e-4, rtol=1e-4)
 
+    # a run trained with an option this version no longer has still loads: the key is dropped with a warning
+    saved = json.loads((ckpt / "train_config.json").read_text())
+    (ckpt / "train_config.json").write_text(json.dumps({**saved, "hole_penalty": 0.5}))
+    with pytest.warns(UserWarning, match="hole_penalty"):
+        old_model, _, _, _ = train.load_policy(run)
+    torch.testing.assert_close(dqn.q_values(old_model, tokens, torch.tensor([qp]), fmt.action_ids), q)
+
 
 @pytest.mark.slow
 def test_interrupt_mid_step_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
