@@ -130,7 +130,9 @@ class TrainConfig:
     slices_per_step: int = option(8, "slices per optimizer step, all ranks together (paper: 10)")
     micro_batch: int = option(4, "slices per forward pass (gradient accumulation over slices_per_step / micro_batch)")
     lr: float = option(3e-3, "peak learning rate (paper: 1e-2 for IA3)")
-    warmup_steps: int = option(10, "linear warmup steps, then constant (paper: 10)")
+    warmup_steps: int = option(10, "linear warmup steps, then --lr-schedule (paper: 10)")
+    lr_schedule: str = option("constant", "after warmup: constant (the paper) or cosine (decay to 0 at the last step, "
+                              "not the paper's)", choices=("constant", "cosine"))
     weight_decay: float = option(0.01, "AdamW weight decay (paper: 0.01)")
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: off; the paper does not clip)")
     gamma: float = option(0.9, "discount γ of the Bellman targets (paper: 0.9)")
@@ -576,6 +578,16 @@ def trajectory_format(cfg: TrainConfig, tokenizer) -> "dqn.TrajectoryFormat | dq
 # ---------------------------------------------------------------------------------------------------------------------
 # The loop
 
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then constant or a cosine decay that reaches 0 after the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    done = (step - cfg.warmup_steps) / max(total_steps - cfg.warmup_steps, 1)  # 0 .. (n-1)/n
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * done))  # lr · ½(1 + cos πt)
+
+
 def resolve_device(cfg: TrainConfig) -> torch.device:
     if cfg.device != "auto":
         return torch.device(cfg.device)
@@ -737,7 +749,7 @@ def train(cfg: TrainConfig) -> Path:
                         log.write(json.dumps({"step": step, "online_greedy_success": sum(won) / max(len(won), 1),
                                               "online_seconds": time.perf_counter() - t_play}) + "\n")
                 t0 = time.perf_counter()
-                lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))  # linear warmup, then constant
+                lr = learning_rate(cfg, step, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 mine = step_slices(step)[rank::world]

@@ -160,6 +160,18 @@ def test_presets_and_cli():
     assert out.returncode == 0 and "--normalize-by-mean-target" in out.stdout and "llama3.1-8b: 0.01" in out.stdout
 
 
+def test_learning_rate_schedules():
+    # warmup 4 steps to 0.01, then constant (the paper) or a cosine that ends near 0 at the last of 104 steps
+    const = train.make_config("cpu", lr=0.01, warmup_steps=4)
+    cos = train.make_config("cpu", lr=0.01, warmup_steps=4, lr_schedule="cosine")
+    for cfg in (const, cos):
+        assert [train.learning_rate(cfg, s, 104) for s in range(4)] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])
+    assert [train.learning_rate(const, s, 104) for s in (4, 54, 103)] == [0.01] * 3
+    assert [train.learning_rate(cos, s, 104) for s in (4, 54, 103)] == pytest.approx(
+        [0.01, 0.005, 0.01 * 0.5 * (1 + math.cos(math.pi * 99 / 100))])  # peak, half way, ≈ 2.5e-6
+    assert train.parse_args(["--lr-schedule", "cosine"]).lr_schedule == "cosine"
+
+
 def test_bad_input_fails_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="needs --model-dir"):
         train.train(train.make_config("llama3.1-8b", data_dir=str(tmp_path / "d")))
