@@ -27,8 +27,8 @@ Deliberate deviations from the paper (arXiv 2501.14176):
   base 500000 as in Llama 3.1 but without its long-context scaling (the contexts stay far below 8192 tokens).
   By default it writes the compact format with hindsight recaps (dqn.CompactFormat), regresses on Monte-Carlo
   returns (--targets mc) and adds an auxiliary next-token loss on the trajectory (--aux-lm 30, dqn.next_token_loss)
-  for 1250 steps: the best of what we measured on the CPU (README, Results: greedy success 0.58-0.68 on held-out
-  maps over 3 seeds, tabular Q-learning 0.49; the paper's text and targets on this model: 0.09).
+  for 1250 steps: the best of what we measured on the CPU (README, Results: greedy success 0.50-0.68 on held-out
+  maps over 4 runs of 3 seeds, tabular Q-learning 0.49; the paper's text and targets on this model: 0.09).
   `--format paper --targets dqn --lr 1e-3 --aux-lm 0` is the paper's recipe on the same model.
 - Optional online rounds (--online-every): the model's own episodes join the data (the paper's §4.6 proposal).
 - Optional --set-order chronological keeps the Q-learner's episode order inside a set (the paper shuffles).
