@@ -33,8 +33,8 @@ Deliberate deviations from the paper (arXiv 2501.14176):
 - Optional online rounds (--online-every): the model's own episodes join the data (the paper's §4.6 proposal).
 - Optional --set-order chronological keeps the Q-learner's episode order inside a set (the paper shuffles).
 - Optional --learner rmax: the histories of R-max (model-based, optimistic) instead of Q-learning; --novelty-bonus:
-  an exploration bonus in the Monte-Carlo targets; --canvas: states as tiles of an 8x8 canvas at random offsets
-  (README, Results, for what each did).
+  an exploration bonus in the Monte-Carlo targets; --canvas: states as tiles of an 8x8 canvas at random offsets,
+  with --canvas-from-step as a second stage after ordinary states (README, Results, for what each did).
 - Held-out TD loss is measured on data generated the same way on frozenlake.test_maps() (50 maps, disjoint from
   the training maps), not on a split of the training maps.
 - Slices inside one forward pass (`micro_batch` > 1) share one mean over their action positions; the paper's 10
@@ -56,7 +56,7 @@ import threading
 import time
 import typing
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -121,6 +121,8 @@ class TrainConfig:
                      choices=("paper", "compact"))
     canvas: bool = option(False, "compact format: write tile (row, col) as state row·8 + col (dqn.to_canvas), each "
                           "training set at a random offset on the 8x8 canvas, so larger maps meet learned tokens")
+    canvas_from_step: int = option(0, "with --canvas: train on ordinary states before this step and on canvas states "
+                                   "from it on, a second stage inside one run (0: canvas from the start)")
     relabel_states: bool = option(False, "rename the states of each training set by a random permutation of 0..63, "
                                   "so only the context can tell what a state number means (held-out data is not)")
     # optimisation
@@ -213,6 +215,12 @@ def check_config(cfg: TrainConfig):
                          f"text with its base model's tokenizer: drop --format or use --preset cpu")
     if cfg.canvas and cfg.format != "compact":
         raise ValueError("--canvas writes the compact format's state tokens; add --format compact (cpu preset)")
+    if cfg.canvas_from_step and not (cfg.canvas and 0 < cfg.canvas_from_step < (cfg.steps or math.inf)):
+        raise ValueError(f"--canvas-from-step {cfg.canvas_from_step} starts a canvas stage: it needs --canvas and a "
+                         f"step after 0 and before --steps {cfg.steps}")
+    if cfg.canvas_from_step and cfg.online_every:
+        raise ValueError("--canvas-from-step with --online-every: the model would play in a format it is not yet "
+                         "trained on; use one of them")
     if cfg.novelty_bonus and cfg.targets != "mc":
         raise ValueError("--novelty-bonus is added to the Monte-Carlo targets: use it with --targets mc")
     if cfg.aux_lm < 0:
@@ -639,12 +647,20 @@ def train(cfg: TrainConfig) -> Path:
     model, adapter, target, target_adapter, tokenizer = build_policy(cfg, device, resume_from)
     fmt = trajectory_format(cfg, tokenizer)
     pad_id = fmt.eos[0]  # right padding: causal attention keeps real tokens from seeing it
-    train_sets = load_episode_sets(cfg, "train")
-    if cfg.relabel_states:
-        train_sets = relabel_states(train_sets, random.Random(f"{cfg.seed}/relabel"))
-    slices = dqn.pack_slices(train_sets, fmt, cfg.context_len, random.Random(cfg.seed))
-    heldout = dqn.pack_slices(load_episode_sets(cfg, "heldout"), fmt, cfg.context_len, random.Random(cfg.seed))
-    heldout = heldout[:cfg.eval_slices][rank::world]
+
+    def packed(c: TrainConfig):  # (training slices, this rank's held-out slices) in the format c writes
+        f, train_sets = trajectory_format(c, tokenizer), load_episode_sets(c, "train")
+        if c.relabel_states:
+            train_sets = relabel_states(train_sets, random.Random(f"{c.seed}/relabel"))
+        heldout = dqn.pack_slices(load_episode_sets(c, "heldout"), f, c.context_len, random.Random(c.seed))
+        return (dqn.pack_slices(train_sets, f, c.context_len, random.Random(c.seed)),
+                heldout[:c.eval_slices][rank::world])
+    slices, heldout = packed(cfg)
+    # --canvas-from-step: the steps before it train (and report the held-out loss) on ordinary states
+    first_stage = packed(replace(cfg, canvas=False)) if cfg.canvas_from_step else None
+
+    def stage(s):  # -> (training slices, held-out slices) of step s
+        return first_stage if first_stage and s < cfg.canvas_from_step else (slices, heldout)
     total_steps = cfg.steps or max(1, int(cfg.epochs * len(slices) // cfg.slices_per_step))
     action_ids = torch.tensor(fmt.action_ids, device=device)
 
@@ -667,12 +683,12 @@ def train(cfg: TrainConfig) -> Path:
                 else contextlib.nullcontext)
 
     def step_slices(s):  # the global slice order: a fresh permutation of all slices per epoch, seeded
-        out = []
+        out, pool = [], stage(s)[0]
         for g in range(s * cfg.slices_per_step, (s + 1) * cfg.slices_per_step):
-            epoch, i = divmod(g, len(slices))
-            order = list(range(len(slices)))
+            epoch, i = divmod(g, len(pool))
+            order = list(range(len(pool)))
             random.Random(f"{cfg.seed}/epoch{epoch}").shuffle(order)
-            out.append(slices[order[i]])
+            out.append(pool[order[i]])
         if online_pool:  # the last share of the step's slices come from the model's own episodes instead
             n = round(cfg.online_share * cfg.slices_per_step)
             out[len(out) - n:] = random.Random(f"{cfg.seed}/online-pick{s}").choices(online_pool, k=n)
@@ -696,7 +712,7 @@ def train(cfg: TrainConfig) -> Path:
     def heldout_loss():
         with torch.no_grad():
             total = torch.zeros(2, device=device)  # (sum of losses, count)
-            for s in heldout:
+            for s in stage(step)[1]:
                 loss, _ = td_loss_on(to_device(dqn.collate([s], pad_id)), model, adapter, target, target_adapter,
                                      action_ids, cfg, autocast)
                 total += torch.stack([loss.float(), torch.ones((), device=device)])
@@ -807,12 +823,12 @@ def train(cfg: TrainConfig) -> Path:
             signal.signal(signal.SIGINT, previous_handler)
     final = save()
     if rank == 0:
-        plot_losses(metrics_file, run_dir / "loss.png")
+        plot_losses(metrics_file, run_dir / "loss.png", cfg.canvas_from_step)
         print(f"[train] step {step}: checkpoint {final}", file=sys.stderr)
     return run_dir
 
 
-def plot_losses(metrics_file: Path, png: Path):
+def plot_losses(metrics_file: Path, png: Path, canvas_from_step: int = 0):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -822,6 +838,8 @@ def plot_losses(metrics_file: Path, png: Path):
     ax.plot([r["step"] for r in trained], [r["loss"] for r in trained], lw=0.8, label="train TD loss")
     held = [r for r in rows if "heldout_loss" in r]
     ax.plot([r["step"] for r in held], [r["heldout_loss"] for r in held], "o-", label="held-out TD loss (test maps)")
+    if canvas_from_step:  # the held-out loss is on canvas states from here on
+        ax.axvline(canvas_from_step, color="gray", ls=":", label="canvas stage starts")
     ax.set(xlabel="optimizer step", ylabel="TD loss (Eq. 7)", yscale="log", title=png.parent.name)
     ax.legend()
     fig.tight_layout()

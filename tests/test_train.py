@@ -449,6 +449,30 @@ def test_canvas_sets_sit_at_one_random_offset_each_and_held_out_at_the_origin(tm
     assert fmt.canvas
 
 
+def test_canvas_from_step_equals_a_plain_run_resumed_with_canvas(tmp_path):
+    """--canvas-from-step k inside one run is the two-stage recipe: k steps on ordinary states, then --resume
+    --canvas to the end. Same losses at every step, bit-identical final weights; the held-out loss of the first
+    stage is the ordinary format's."""
+    def rows(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    one = train.train(tiny(tmp_path, canvas=True, canvas_from_step=2, out=str(tmp_path / "one")))
+    first = tiny(tmp_path, steps=2, out=str(tmp_path / "two"))
+    train.train(first)
+    two = train.train(dataclasses.replace(first, canvas=True, resume=True, steps=4))
+    assert [r["loss"] for r in rows(one) if "loss" in r] == [r["loss"] for r in rows(two) if "loss" in r]
+    assert rows(one)[0]["heldout_loss"] == rows(two)[0]["heldout_loss"]  # step 0: ordinary states
+    final_one, final_two = weights(train.latest_checkpoint(one)), weights(train.latest_checkpoint(two))
+    assert final_one.keys() == final_two.keys()
+    assert all(torch.equal(final_one[k], final_two[k]) for k in final_one)
+    assert train.load_policy(one)[3].canvas  # the policy reads canvas states, as it was last trained
+    with pytest.raises(ValueError, match="--canvas-from-step 2 starts a canvas stage: it needs --canvas"):
+        train.train(tiny(tmp_path, canvas_from_step=2))
+    with pytest.raises(ValueError, match="before --steps 4"):
+        train.train(tiny(tmp_path, canvas=True, canvas_from_step=4))
+    with pytest.raises(ValueError, match="--canvas-from-step with --online-every"):
+        train.train(tiny(tmp_path, canvas=True, canvas_from_step=2, online_every=2))
+
+
 def test_novelty_bonus_reaches_the_td_loss(tmp_path):
     cfg = tiny(tmp_path, novelty_bonus=2.0)
     tok = train.small_tokenizer(cfg.format)
