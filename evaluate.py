@@ -448,8 +448,9 @@ def demonstrations(desc):
     return episodes
 
 
-def experiment_setup(name, cfg):
-    """(map sequences, greedy probabilities per episode, context episodes per row) of one experiment."""
+def experiment_setup(name, cfg, n_train_maps=250):
+    """(map sequences, greedy probabilities per episode, context episodes per row) of one experiment; n_train_maps:
+    how many training maps the evaluated run saw (nonstationary's second maps avoid all of them)."""
     probs = schedule(cfg.episodes, cfg.warmup)
     if name == "stitching":
         return [[frozenlake.STITCHING_MAP]], [1.0] * cfg.stitching_trials, {0: stitching_context()}
@@ -458,7 +459,8 @@ def experiment_setup(name, cfg):
     if name == "demo":  # always greedy, after a demonstration; `--experiment id --warmup 0` is the same without it
         return [[m] for m in maps], [1.0] * cfg.demo_trials, {r: demonstrations(m) for r, m in enumerate(maps)}
     if name == "nonstationary":  # a second map per row from the same distribution, unseen in training and testing
-        second = frozenlake.generate_maps(len(maps), seed=3, exclude=frozenlake.train_maps() + frozenlake.test_maps())
+        second = frozenlake.generate_maps(len(maps), seed=3,
+                                          exclude=frozenlake.train_maps(n_train_maps) + frozenlake.test_maps())
         return [[a, b] for a, b in zip(maps, second)], probs, None
     return [[m] for m in maps], probs, None
 
@@ -595,15 +597,17 @@ def evaluate(cfg, policy_model=None):
     from tqdm import tqdm
     check_config(cfg, model_given=policy_model is not None)
     names = EXPERIMENTS if cfg.experiment == "all" else (cfg.experiment,)
+    n_train_maps = 250  # the paper's training maps, unless the run was trained on more
     if policy_model is None and not cfg.baselines_only:
         import train
+        n_train_maps = max(n_train_maps, train.saved_config(train.checkpoint_dir(cfg.run)).n_maps)
         model, adapter, _, fmt = train.load_policy(cfg.run, device=cfg.device)
         model.eval()
         policy_model = ModelPolicy(model, fmt, adapter, context=cfg.context, recompute=cfg.recompute)
     out_root = cfg.out or (os.path.join(cfg.run, "eval") if cfg.run else os.path.join("runs", "baselines", "eval"))
     report = {}
     for name in names:
-        setup = experiment_setup(name, cfg)
+        setup = experiment_setup(name, cfg, n_train_maps)
         map_sequences, probs, context = setup
         seeds = [cfg.seed + i for i in range(cfg.baseline_seeds)]
         jobs = [("model", lambda seed: policy_model, [cfg.seed])] if policy_model is not None else []

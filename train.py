@@ -561,13 +561,19 @@ def saved_config(ckpt: Path) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in saved.items() if k in known})
 
 
-def load_policy(run_or_checkpoint_dir, device="cpu"):
-    """-> (model, adapter or None, tokenizer, fmt) of the latest checkpoint of a run dir, or of a checkpoint dir.
-    cpu preset: the trained small model (adapter None); IA3 presets: the frozen base model + the online adapter."""
+def checkpoint_dir(run_or_checkpoint_dir) -> Path:
+    """A checkpoint dir as given, or a run dir's latest checkpoint."""
     path = Path(run_or_checkpoint_dir)
     ckpt = path if (path / "train_config.json").is_file() else latest_checkpoint(path)
     if ckpt is None or not (ckpt / "train_config.json").is_file():
         raise FileNotFoundError(f"{path}: neither a train.py run dir (with 'latest') nor a checkpoint dir")
+    return ckpt
+
+
+def load_policy(run_or_checkpoint_dir, device="cpu"):
+    """-> (model, adapter or None, tokenizer, fmt) of the latest checkpoint of a run dir, or of a checkpoint dir.
+    cpu preset: the trained small model (adapter None); IA3 presets: the frozen base model + the online adapter."""
+    ckpt = checkpoint_dir(run_or_checkpoint_dir)
     cfg = saved_config(ckpt)
     model, adapter, _, _, tokenizer = build_policy(cfg, device, checkpoint=ckpt)
     model.eval().requires_grad_(False)

@@ -425,6 +425,9 @@ def test_nonstationary_restarts_the_warmup_and_keeps_the_first_map_in_context():
     assert probs == [0.0, 0.0, 1.0, 1.0] and context is None
     assert [first for first, _ in map_sequences] == frozenlake.test_maps()[:3]
     assert all(second not in frozenlake.test_maps() + frozenlake.train_maps() for _, second in map_sequences)
+    # a run trained on 500 maps meets none of them either (excluding only the first 250 leaves one of the 50)
+    wide, _, _ = evaluate.experiment_setup("nonstationary", evaluate.EvalConfig(experiment="nonstationary"), 500)
+    assert len(wide) == 50 and not [b for _, b in wide if b in frozenlake.train_maps(500)]
     model, fmt = tiny_model()
     policy = ContextAtMapSwitch(evaluate.ModelPolicy(model, fmt, context=2048), per_map=4)
     out = evaluate.run_episodes(policy, map_sequences, probs, seed=4, max_steps=20)
@@ -446,7 +449,7 @@ def test_nonstationary_restarts_the_warmup_and_keeps_the_first_map_in_context():
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:pack_slices dropped")  # the tiny run's 160-token slices; not what is tested here
-def test_evaluate_loads_a_train_py_run(tmp_path):
+def test_evaluate_loads_a_train_py_run(tmp_path, monkeypatch):
     """A tiny train.py cpu run (as in tests/test_train.py), evaluated from its run dir by evaluate.evaluate."""
     run = train.train(train.make_config(
         "cpu", dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=256, context_len=160, n_maps=4,
@@ -455,7 +458,7 @@ def test_evaluate_loads_a_train_py_run(tmp_path):
         out=str(tmp_path / "run")))
     cfg = evaluate.EvalConfig(run=str(run), experiment="id", maps=2, episodes=2, warmup=0, baseline_seeds=1,
                               max_steps=20, progress=False)
-    report = evaluate.evaluate(cfg)
+    report, setup = evaluate.evaluate(cfg), evaluate.experiment_setup
     out_dir = run / "eval" / "id"  # the default output root: RUN/eval
     for name in ("results.json", "success.csv", "summary.md", "success.png"):
         assert (out_dir / name).stat().st_size > 0
@@ -471,6 +474,13 @@ def test_evaluate_loads_a_train_py_run(tmp_path):
     ref = evaluate.run_episodes(evaluate.ModelPolicy(model, fmt, adapter), [[m] for m in frozenlake.test_maps()[:2]],
                                 [1.0, 1.0], seed=0, max_steps=20)
     assert [model_run["steps"][0], model_run["success"][0]] == [ref["steps"], ref["success"]]
+    # the run's number of training maps reaches experiment_setup (nonstationary's second maps avoid them all)
+    saved = train.latest_checkpoint(run) / "train_config.json"
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "n_maps": 500}))
+    seen = []
+    monkeypatch.setattr(evaluate, "experiment_setup", lambda name, c, n=250: seen.append(n) or setup(name, c, n))
+    evaluate.evaluate(cfg)
+    assert seen == [500]
 
 
 def test_stitching_experiment_draws_its_pictures(tmp_path):
