@@ -123,6 +123,8 @@ class TrainConfig:
                           "training set at a random offset on the 8x8 canvas, so larger maps meet learned tokens")
     canvas_from_step: int = option(0, "with --canvas: train on ordinary states before this step and on canvas states "
                                    "from it on, a second stage inside one run (0: canvas from the start)")
+    canvas_origin_share: float = option(0.0, "with --canvas: this share of the training sets sits at the canvas "
+                                        "origin (0, 0), where evaluate.py writes every map; the rest at random offsets")
     relabel_states: bool = option(False, "rename the states of each training set by a random permutation of 0..63, "
                                   "so only the context can tell what a state number means (held-out data is not)")
     # optimisation
@@ -218,6 +220,9 @@ def check_config(cfg: TrainConfig):
     if cfg.canvas_from_step and not (cfg.canvas and 0 < cfg.canvas_from_step < (cfg.steps or math.inf)):
         raise ValueError(f"--canvas-from-step {cfg.canvas_from_step} starts a canvas stage: it needs --canvas and a "
                          f"step after 0 and before --steps {cfg.steps}")
+    if not 0.0 <= cfg.canvas_origin_share <= 1.0 or (cfg.canvas_origin_share and not cfg.canvas):
+        raise ValueError(f"--canvas-origin-share {cfg.canvas_origin_share} is a share of the canvas training sets: "
+                         f"give a number in [0, 1], with --canvas")
     if cfg.canvas_from_step and cfg.online_every:
         raise ValueError("--canvas-from-step with --online-every: the model would play in a format it is not yet "
                          "trained on; use one of them")
@@ -400,8 +405,9 @@ def load_episode_sets(cfg: TrainConfig, split: str) -> list[list[dqn.Episode]]:
         rng = random.Random(f"{cfg.seed}/canvas")
         for i, (m, _, _) in enumerate(data["sets"]):
             rows, cols = len(dc["maps"][m]), len(dc["maps"][m][0])
-            offset = ((int(rng.random() * (dqn.CANVAS - rows + 1)), int(rng.random() * (dqn.CANVAS - cols + 1)))
-                      if split == "train" else (0, 0))
+            at_origin = split != "train" or (cfg.canvas_origin_share and rng.random() < cfg.canvas_origin_share)
+            offset = (0, 0) if at_origin else (int(rng.random() * (dqn.CANVAS - rows + 1)),
+                                               int(rng.random() * (dqn.CANVAS - cols + 1)))
             sets[i] = [dqn.to_canvas(ep, *offset) for ep in sets[i]]
     return sets
 

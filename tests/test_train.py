@@ -447,6 +447,18 @@ def test_canvas_sets_sit_at_one_random_offset_each_and_held_out_at_the_origin(tm
     run = train.train(dataclasses.replace(cfg, steps=2))
     _, _, _, fmt = train.load_policy(run)
     assert fmt.canvas
+    # --canvas-origin-share: that share of the sets at (0, 0), where evaluate.py writes every map
+    canvas_plain = [[dqn.to_canvas(e) for e in episodes] for episodes in plain]
+
+    def at_origin(share):
+        sets = train.load_episode_sets(dataclasses.replace(cfg, canvas_origin_share=share), "train")
+        return sum(a == b for a, b in zip(sets, canvas_plain))
+    assert at_origin(1.0) == len(plain) == 16
+    assert at_origin(0.0) < at_origin(0.5) < 16
+    with pytest.raises(ValueError, match="--canvas-origin-share 1.5 is a share"):
+        train.train(dataclasses.replace(cfg, canvas_origin_share=1.5))
+    with pytest.raises(ValueError, match="with --canvas"):
+        train.train(dataclasses.replace(cfg, canvas=False, canvas_origin_share=0.5))
 
 
 def test_canvas_from_step_equals_a_plain_run_resumed_with_canvas(tmp_path):
