@@ -123,6 +123,9 @@ class TrainConfig:
                           "training set at a random offset on the 8x8 canvas, so larger maps meet learned tokens")
     canvas_from_step: int = option(0, "with --canvas: train on ordinary states before this step and on canvas states "
                                    "from it on, a second stage inside one run (0: canvas from the start)")
+    canvas_first_stage: str = option("ordinary", "with --canvas-from-step, the states before it: ordinary numbering, or "
+                                     "canvas tiles with every set at the origin (a curriculum: one placement, then "
+                                     "random offsets)", choices=("ordinary", "origin"))
     canvas_origin_share: float = option(0.0, "with --canvas: this share of the training sets sits at the canvas "
                                         "origin (0, 0), where evaluate.py writes every map; the rest at random offsets")
     relabel_states: bool = option(False, "rename the states of each training set by a random permutation of 0..63, "
@@ -223,6 +226,9 @@ def check_config(cfg: TrainConfig):
     if not 0.0 <= cfg.canvas_origin_share <= 1.0 or (cfg.canvas_origin_share and not cfg.canvas):
         raise ValueError(f"--canvas-origin-share {cfg.canvas_origin_share} is a share of the canvas training sets: "
                          f"give a number in [0, 1], with --canvas")
+    if cfg.canvas_first_stage != "ordinary" and not cfg.canvas_from_step:
+        raise ValueError(f"--canvas-first-stage {cfg.canvas_first_stage} is the stage before --canvas-from-step: "
+                         f"give --canvas-from-step too, or drop it")
     if cfg.canvas_from_step and cfg.online_every:
         raise ValueError("--canvas-from-step with --online-every: the model would play in a format it is not yet "
                          "trained on; use one of them")
@@ -668,8 +674,10 @@ def train(cfg: TrainConfig) -> Path:
         return (dqn.pack_slices(train_sets, f, c.context_len, random.Random(c.seed)),
                 heldout[:c.eval_slices][rank::world])
     slices, heldout = packed(cfg)
-    # --canvas-from-step: the steps before it train (and report the held-out loss) on ordinary states
-    first_stage = packed(replace(cfg, canvas=False)) if cfg.canvas_from_step else None
+    # --canvas-from-step: the steps before it train (and report the held-out loss) on ordinary states or on canvas
+    # states at the origin (--canvas-first-stage; held-out sets sit at the origin either way)
+    first = replace(cfg, canvas=False) if cfg.canvas_first_stage == "ordinary" else replace(cfg, canvas_origin_share=1)
+    first_stage = packed(first) if cfg.canvas_from_step else None
 
     def stage(s):  # -> (training slices, held-out slices) of step s
         return first_stage if first_stage and s < cfg.canvas_from_step else (slices, heldout)

@@ -461,18 +461,21 @@ def test_canvas_sets_sit_at_one_random_offset_each_and_held_out_at_the_origin(tm
         train.train(dataclasses.replace(cfg, canvas=False, canvas_origin_share=0.5))
 
 
-def test_canvas_from_step_equals_a_plain_run_resumed_with_canvas(tmp_path):
-    """--canvas-from-step k inside one run is the two-stage recipe: k steps on ordinary states, then --resume
-    --canvas to the end. Same losses at every step, bit-identical final weights; the held-out loss of the first
-    stage is the ordinary format's."""
+@pytest.mark.parametrize("first_stage, first_flags", [("ordinary", dict(canvas=False)),
+                                                      ("origin", dict(canvas=True, canvas_origin_share=1.0))])
+def test_canvas_from_step_equals_a_first_stage_run_resumed_with_canvas(tmp_path, first_stage, first_flags):
+    """--canvas-from-step k inside one run is the two-stage recipe: k steps on ordinary states (or, with
+    --canvas-first-stage origin, on canvas states at the origin), then --resume --canvas to the end. Same losses at
+    every step, bit-identical final weights; the held-out loss of the first stage is the first stage's format's."""
     def rows(run):
         return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    one = train.train(tiny(tmp_path, canvas=True, canvas_from_step=2, out=str(tmp_path / "one")))
-    first = tiny(tmp_path, steps=2, out=str(tmp_path / "two"))
+    one = train.train(tiny(tmp_path, canvas=True, canvas_from_step=2, canvas_first_stage=first_stage,
+                           out=str(tmp_path / "one")))
+    first = tiny(tmp_path, steps=2, out=str(tmp_path / "two"), **first_flags)
     train.train(first)
-    two = train.train(dataclasses.replace(first, canvas=True, resume=True, steps=4))
+    two = train.train(dataclasses.replace(first, canvas=True, canvas_origin_share=0.0, resume=True, steps=4))
     assert [r["loss"] for r in rows(one) if "loss" in r] == [r["loss"] for r in rows(two) if "loss" in r]
-    assert rows(one)[0]["heldout_loss"] == rows(two)[0]["heldout_loss"]  # step 0: ordinary states
+    assert rows(one)[0]["heldout_loss"] == rows(two)[0]["heldout_loss"]  # step 0: the first stage's states
     final_one, final_two = weights(train.latest_checkpoint(one)), weights(train.latest_checkpoint(two))
     assert final_one.keys() == final_two.keys()
     assert all(torch.equal(final_one[k], final_two[k]) for k in final_one)
@@ -483,6 +486,8 @@ def test_canvas_from_step_equals_a_plain_run_resumed_with_canvas(tmp_path):
         train.train(tiny(tmp_path, canvas=True, canvas_from_step=4))
     with pytest.raises(ValueError, match="--canvas-from-step with --online-every"):
         train.train(tiny(tmp_path, canvas=True, canvas_from_step=2, online_every=2))
+    with pytest.raises(ValueError, match="--canvas-first-stage origin is the stage before --canvas-from-step"):
+        train.train(tiny(tmp_path, canvas=True, canvas_first_stage="origin"))
 
 
 def test_novelty_bonus_reaches_the_td_loss(tmp_path):
