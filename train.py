@@ -121,8 +121,9 @@ class TrainConfig:
                      choices=("paper", "compact"))
     canvas: bool = option(False, "compact format: write tile (row, col) as state row·8 + col (dqn.to_canvas), each "
                           "training set at a random offset on the 8x8 canvas, so larger maps meet learned tokens")
-    canvas_from_step: int = option(0, "with --canvas: train on ordinary states before this step and on canvas states "
-                                   "from it on, a second stage inside one run (0: canvas from the start)")
+    canvas_from_step: int = option(0, "with --canvas: train on --canvas-first-stage's states before this step and on "
+                                   "canvas states at random offsets from it on, a second stage inside one run (0: "
+                                   "canvas from the start)")
     canvas_first_stage: str = option("ordinary", "with --canvas-from-step, the states before it: ordinary numbering, or "
                                      "canvas tiles with every set at the origin (a curriculum: one placement, then "
                                      "random offsets)", choices=("ordinary", "origin"))
@@ -131,8 +132,8 @@ class TrainConfig:
     relabel_states: bool = option(False, "rename the states of each training set by a random permutation of 0..63, "
                                   "so only the context can tell what a state number means (held-out data is not)")
     # optimisation
-    steps: int | None = option(1250, "optimizer steps (0: `epochs` passes over the slices); 1250 ≈ 19 min on 2 CPU "
-                               "cores with --aux-lm (the 20-minute budget); success grows with steps (README, Results)")
+    steps: int | None = option(1250, "optimizer steps (0: `epochs` passes over the slices); 1250: 19–30 min on 2 CPU "
+                               "cores by machine (the budget is 20); success grows with steps (README, Results)")
     epochs: float = option(1.0, "passes over the data when --steps is 0 (paper: 1)")
     slices_per_step: int = option(8, "slices per optimizer step, all ranks together (paper: 10)")
     micro_batch: int = option(4, "slices per forward pass (gradient accumulation over slices_per_step / micro_batch)")
