@@ -675,8 +675,8 @@ def train(cfg: TrainConfig) -> Path:
         return (dqn.pack_slices(train_sets, f, c.context_len, random.Random(c.seed)),
                 heldout[:c.eval_slices][rank::world])
     slices, heldout = packed(cfg)
-    # --canvas-from-step: the steps before it train (and report the held-out loss) on ordinary states or on canvas
-    # states at the origin (--canvas-first-stage; held-out sets sit at the origin either way)
+    # --canvas-from-step: the steps before it train, and report the held-out loss, on --canvas-first-stage's states
+    # (ordinary numbering, or canvas tiles with every set at the origin)
     first = replace(cfg, canvas=False) if cfg.canvas_first_stage == "ordinary" else replace(cfg, canvas_origin_share=1)
     first_stage = packed(first) if cfg.canvas_from_step else None
 
