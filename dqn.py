@@ -70,6 +70,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+import planner
+
 ACTION_WORDS = ("left", "down", "right", "up")  # gymnasium's action ids 0..3
 ROLES = ("observation", "action", "reward", "edit")
 # every text piece of the format (observations 0..63: maps up to 8×8)
@@ -319,10 +321,13 @@ class Slice:
     to_go: list[int] = field(default_factory=list)         # actions after this one in its episode (Monte-Carlo)
     returns: list[float] = field(default_factory=list)     # its episode's reward (0 if truncated), at every action
     novel: list[bool] = field(default_factory=list)        # the action reached a state not yet in this slice
+    planner_q: list[list[float]] = field(default_factory=list)  # the context planner's 4 Q-values (planner.py)
+    settled: list[list[bool]] = field(default_factory=list)     # which of them are one-hop facts (untried or an end)
     seen: set = field(default_factory=set, repr=False)     # states written in this slice so far
+    lake: planner.ContextModel = field(default_factory=planner.ContextModel, repr=False)  # what the slice shows
 
 
-def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[int]):
+def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[int], plan=None):
     offset, first, n = len(s.tokens), len(s.actions), len(ep.actions)
     s.tokens += tokens
     s.q_positions += [offset + p for p in q_positions]
@@ -337,12 +342,18 @@ def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[
     for state in ep.observations[1:]:
         s.novel.append(state not in s.seen)
         s.seen.add(state)
+    if plan is not None:  # Q(h_t, ·) from the slice's context before step t, then step t joins it
+        for t, (obs, a, nxt, r) in enumerate(zip(ep.observations, ep.actions, ep.observations[1:], ep.rewards)):
+            s.planner_q.append(s.lake.q(obs, *plan))
+            s.settled.append(s.lake.settled(obs))
+            s.lake.learn(obs, a, nxt, t == n - 1 and not ep.truncated, r)
 
 
 def pack_slices(episode_sets: list[list[Episode]], fmt: TrajectoryFormat, context_len: int,
-                rng: random.Random) -> list[Slice]:
+                rng: random.Random, plan: tuple[float, float] | None = None) -> list[Slice]:
     """Sets of episodes of one map each (in the caller's order) -> slices of at most context_len tokens.
-    Episodes are shuffled within their set by rng and never split (cut rule in the module docstring)."""
+    Episodes are shuffled within their set by rng and never split (cut rule in the module docstring).
+    plan = (γ, untried value): also the context planner's Q-values at every action (planner.py, Slice.planner_q)."""
     if context_len < 1:
         raise ValueError(f"context_len must be positive, got {context_len}")
     slices, current, dropped, lost = [], Slice(), 0, 0
@@ -359,7 +370,7 @@ def pack_slices(episode_sets: list[list[Episode]], fmt: TrajectoryFormat, contex
             if len(current.tokens) + len(tokens) > context_len:
                 slices.append(current)
                 current = Slice()
-            _append_episode(current, ep, tokens, q_positions)
+            _append_episode(current, ep, tokens, q_positions, plan)
     if current.tokens:
         slices.append(current)
     if dropped:
@@ -379,7 +390,8 @@ def collate(slices: list[Slice], pad_id: int) -> dict[str, torch.Tensor]:
            "rewards": torch.zeros(B, P), "is_last": torch.ones(B, P, dtype=torch.bool),
            "next_index": torch.full((B, P), -1, dtype=torch.long), "mask": torch.zeros(B, P, dtype=torch.bool),
            "to_go": torch.zeros(B, P, dtype=torch.long), "returns": torch.zeros(B, P),
-           "novel": torch.zeros(B, P),
+           "novel": torch.zeros(B, P), "planner_q": torch.zeros(B, P, 4),
+           "settled": torch.zeros(B, P, 4, dtype=torch.bool),
            "lm_mask": torch.zeros(B, T, dtype=torch.bool)}
     for b, s in enumerate(slices):
         n = len(s.actions)
@@ -388,6 +400,9 @@ def collate(slices: list[Slice], pad_id: int) -> dict[str, torch.Tensor]:
         out["lm_mask"][b, s.q_positions] = False       # ... and not the actions: their logits are Q-values
         for key in ("q_positions", "actions", "rewards", "is_last", "next_index", "to_go", "returns", "novel"):
             out[key][b, :n] = torch.tensor(getattr(s, key), dtype=out[key].dtype)
+        if s.planner_q:
+            out["planner_q"][b, :n] = torch.tensor(s.planner_q)
+            out["settled"][b, :n] = torch.tensor(s.settled)
         out["mask"][b, :n] = True
     return out
 
@@ -443,14 +458,21 @@ def next_token_loss(logits, batch) -> torch.Tensor:
     return (nll * mask).sum() / mask.sum().clamp(min=1)
 
 
-def td_loss(q_online, targets, batch, normalize_by_mean_target=False) -> torch.Tensor:
-    """Eq. 7: mean over real action slots of (Q_θ(h_t, a_t) − y_t)²; optionally the authors' per-sequence scaling."""
+def td_loss(q_online, targets, batch, normalize_by_mean_target=False, action_mask=None) -> torch.Tensor:
+    """Eq. 7: mean over real action slots of (Q_θ(h_t, a_t) − y_t)²; optionally the authors' per-sequence scaling.
+    Targets (B, P, 4) (one per action: the context planner's) regress all four Q-values, or those action_mask (B, P, 4)
+    selects: the mean over the selected (slot, action) pairs."""
     mask = batch["mask"].to(q_online.device).float()                                          # (B, P)
-    q_taken = q_online.gather(2, batch["actions"].to(q_online.device)[..., None]).squeeze(-1)  # (B, P) Q_θ(h_t, a_t)
-    error = q_taken - targets.detach()
+    if targets.dim() == 3:
+        selected = torch.ones_like(targets) if action_mask is None else action_mask.to(mask.device).float()
+        mask = mask[..., None] * selected                                                     # (B, P, 4)
+        q = q_online
+    else:
+        q = q_online.gather(2, batch["actions"].to(q_online.device)[..., None]).squeeze(-1)  # (B, P) Q_θ(h_t, a_t)
+    error = q - targets.detach()
     if normalize_by_mean_target:  # divide by the detached mean |y| of each sequence (floored at 1, see docstring)
-        scale = (targets.detach().abs() * mask).sum(1) / mask.sum(1).clamp(min=1)             # (B,)
-        error = error / scale.clamp(min=1.0)[:, None]
+        scale = (targets.detach().abs() * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1)  # (B,)
+        error = error / scale.clamp(min=1.0).view(-1, *[1] * (error.dim() - 1))
     return (error.pow(2) * mask).sum() / mask.sum().clamp(min=1)
 
 

@@ -11,7 +11,9 @@ shortest-path episode per start tile in the context, then 3 greedy episodes): do
 shown? (`--experiment id --warmup 0 --episodes 3` is the same without the demonstration.)
 
 Every policy goes through one harness (`run_episodes`) with the same maps, schedule and random stream: the model, a
-uniform random policy, tabular Q-learning from scratch and the BFS oracle. A policy is any object with four methods:
+uniform random policy, tabular Q-learning from scratch, the context planner (planner.py: the policy that
+`--targets planner` trains the model towards, knowing only its history) and the BFS oracle (knows the map). A
+policy is any object with four methods:
   reset(n_rows)                          forget everything; rows are maps (one lake per row, all stepping together)
   add_context(row, episode)              an episode to put in the history before the first live one (stitching)
   greedy_actions(rows, maps, episodes)   its greedy action for each row's unfinished episode
@@ -70,6 +72,7 @@ import torch
 import dqn
 import frozenlake
 import llama
+import planner
 from dqn import Episode, tokenize_episode
 
 EXPERIMENTS = ("id", "ood", "stitching", "nonstationary", "demo")
@@ -200,6 +203,37 @@ class QLearningPolicy:
         q = self.q[row]
         target = r + (0.0 if terminal else self.gamma * max(q[s_next]))  # truncation is not terminal: bootstrap
         q[s][a] += self.lr * (target - q[s][a])
+
+
+class PlannerPolicy:
+    """The context planner of planner.py acting on its own history: what `--targets planner` asks the model to
+    compute, so a model trained on those targets can at best match it. Ties broken at random."""
+    name = "planner"
+
+    def __init__(self, gamma=0.9, untried=0.9 ** 8, seed=0):
+        self.gamma, self.untried, self.seed = gamma, untried, seed
+
+    def reset(self, n_rows):
+        self.lakes = [planner.ContextModel() for _ in range(n_rows)]
+        self.rngs = [random.Random(f"planner-ties/{self.seed}/{row}") for row in range(n_rows)]
+
+    def add_context(self, row, episode):
+        n = len(episode.actions)
+        for t in range(n):
+            self.lakes[row].learn(episode.observations[t], episode.actions[t], episode.observations[t + 1],
+                                  t == n - 1 and not episode.truncated, episode.rewards[t])
+
+    def greedy_actions(self, rows, maps, episodes):
+        actions = []
+        for row, ep in zip(rows, episodes):
+            q = self.lakes[row].q(ep.observations[-1], self.gamma, self.untried)
+            best = [a for a in range(4) if q[a] == max(q)]
+            actions.append(best[int(self.rngs[row].random() * len(best))])
+        return actions
+
+    def observe(self, row, episode, terminated, done):
+        self.lakes[row].learn(episode.observations[-2], episode.actions[-1], episode.observations[-1], terminated,
+                              episode.rewards[-1])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -555,11 +589,11 @@ def plot_curves(path, name, summaries, per_map, n_maps):
     from matplotlib.figure import Figure
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
-    styles = {"model": "-", "random": ":", "q-learning": "--", "oracle": "-."}
+    styles = {"model": "-", "random": ":", "q-learning": "--", "planner": (0, (1, 1)), "oracle": "-."}
     for p, s in summaries.items():
         xs = list(range(len(s["curve"])))
         mean, lo, hi = zip(*s["curve"])
-        line, = ax.plot(xs, mean, styles.get(p, "-"), label=p, linewidth=2.2 if p == "model" else 1.4)
+        line, = ax.plot(xs, mean, linestyle=styles.get(p, "-"), label=p, linewidth=2.2 if p == "model" else 1.4)
         ax.fill_between(xs, lo, hi, alpha=0.15, color=line.get_color())
     for x in range(per_map, len(xs), per_map):
         ax.axvline(x - 0.5, color="grey", linewidth=1)  # map switch (nonstationary)
@@ -612,7 +646,8 @@ def evaluate(cfg, policy_model=None):
         seeds = [cfg.seed + i for i in range(cfg.baseline_seeds)]
         jobs = [("model", lambda seed: policy_model, [cfg.seed])] if policy_model is not None else []
         jobs += [("random", RandomPolicy, seeds), ("q-learning", lambda s: QLearningPolicy(cfg.q_lr, cfg.q_gamma, s),
-                                                    seeds), ("oracle", lambda seed: OraclePolicy(), seeds)]
+                                                    seeds), ("planner", lambda s: PlannerPolicy(seed=s), seeds),
+                 ("oracle", lambda seed: OraclePolicy(), seeds)]
         total = sum(len(s) for _, _, s in jobs) * len(map_sequences) * len(probs) * len(map_sequences[0])
         results, model_stats = {}, {}
         with tqdm(total=total, desc=name, unit="episode", disable=not cfg.progress) as bar:
@@ -669,7 +704,7 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="episode step limit")
     p.add_argument("--out", default=d.out, help="output root (results in OUT/<experiment>/; default RUN/eval)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--baselines-only", action="store_true", help="run only random, Q-learning and oracle")
+    p.add_argument("--baselines-only", action="store_true", help="run only random, Q-learning, planner and oracle")
     cfg = EvalConfig(**vars(p.parse_args(argv)))
     try:
         check_config(cfg)

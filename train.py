@@ -146,8 +146,14 @@ class TrainConfig:
     gamma: float = option(0.9, "discount γ of the Bellman targets (paper: 0.9)")
     reward_scale: float = option(30.0, "episode reward x this in the targets, to match the logit scale (paper: 30)")
     alpha: float = option(0.1, "Polyak rate: target <- α·online + (1-α)·target after every step (paper: 0.1)")
-    targets: str = option("mc", "regression targets: dqn (the paper's double-DQN bootstrap, Eq. 6) or mc (the "
-                          "discounted return of the action's episode: no target network)", choices=("dqn", "mc"))
+    targets: str = option("mc", "regression targets: dqn (the paper's double-DQN bootstrap, Eq. 6), mc (the "
+                          "discounted return of the action's episode: no target network) or planner (all 4 actions' "
+                          "values by an optimistic planner on the context's transitions: planner.py)",
+                          choices=("dqn", "mc", "planner"))
+    optimism: bool = option(False, "--targets mc: also regress each action not taken whose outcome the context "
+                            "settles in one lookup: untried (γ^--untried-steps), a known hole (0) or goal (1); planner.py")
+    untried_steps: int = option(8, "--targets planner: an untried move is worth a goal this many steps away, "
+                                "γ^N (the planner's optimism; 8: it then explores until a goal is known)")
     novelty_bonus: float = option(0.0, "--targets mc: add this x the discounted count of the episode's later steps "
                                   "that reach a state new to the context (an exploration bonus, not the paper's)")
     aux_lm: float = option(30.0, "weight of an auxiliary next-token loss at the non-Q positions (next observation, "
@@ -233,8 +239,13 @@ def check_config(cfg: TrainConfig):
     if cfg.canvas_from_step and cfg.online_every:
         raise ValueError("--canvas-from-step with --online-every: the model would play in a format it is not yet "
                          "trained on; use one of them")
+    if cfg.optimism and cfg.targets != "mc":
+        raise ValueError("--optimism adds the planner's one-hop values to the Monte-Carlo targets: use --targets mc "
+                         "(--targets planner already regresses all four actions)")
     if cfg.novelty_bonus and cfg.targets != "mc":
         raise ValueError("--novelty-bonus is added to the Monte-Carlo targets: use it with --targets mc")
+    if cfg.untried_steps < 0:
+        raise ValueError(f"--untried-steps is a number of steps (the untried value is γ^N), got {cfg.untried_steps}")
     if cfg.aux_lm < 0:
         raise ValueError(f"--aux-lm is a loss weight, got {cfg.aux_lm}: use 0 to turn the next-token loss off")
     if cfg.online_every < 0 or not 0.0 <= cfg.online_share <= 1.0 or cfg.online_maps < 1 or cfg.online_keep < 1:
@@ -623,6 +634,11 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def planner_arguments(cfg: TrainConfig) -> tuple[float, float] | None:
+    """(γ, untried value) for dqn.pack_slices when the targets are the context planner's, else None."""
+    return (cfg.gamma, cfg.gamma ** cfg.untried_steps) if cfg.targets == "planner" or cfg.optimism else None
+
+
 def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, autocast, aux_lm=0.0):
     """Eq. 6-7 on one collated batch: online Q (with grad), target Q (no grad), double-DQN targets, MSE
     (--targets mc: the Monte-Carlo returns instead, no target forward). -> (TD loss, next-token loss or None):
@@ -636,9 +652,17 @@ def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, a
             aux = dqn.next_token_loss(logits, batch)
         else:
             q_online = dqn.q_values(model, batch["tokens"], batch["q_positions"], action_ids, adapter)  # (B, P, 4)
+    if cfg.targets == "planner":
+        targets = cfg.reward_scale * batch["planner_q"]                                            # (B, P, 4)
+        return dqn.td_loss(q_online, targets, batch, cfg.normalize_by_mean_target), aux
     if cfg.targets == "mc":
         targets = dqn.monte_carlo_targets(batch, cfg.gamma, cfg.reward_scale, cfg.novelty_bonus)  # (B, P)
-        return dqn.td_loss(q_online, targets, batch, cfg.normalize_by_mean_target), aux
+        if not cfg.optimism:
+            return dqn.td_loss(q_online, targets, batch, cfg.normalize_by_mean_target), aux
+        # the taken action keeps its return; the others are regressed where the planner's value is a one-hop fact
+        taken = torch.nn.functional.one_hot(batch["actions"], 4).bool()                           # (B, P, 4)
+        targets = torch.where(taken, targets[..., None], cfg.reward_scale * batch["planner_q"])    # (B, P, 4)
+        return dqn.td_loss(q_online, targets, batch, cfg.normalize_by_mean_target, taken | batch["settled"]), aux
     with autocast(), torch.no_grad():
         q_target = dqn.q_values(target, batch["tokens"], batch["q_positions"], action_ids, target_adapter)
     targets = dqn.bellman_targets(q_online, q_target, batch, cfg.gamma, cfg.reward_scale)  # (B, P), no grad
@@ -667,12 +691,14 @@ def train(cfg: TrainConfig) -> Path:
     fmt = trajectory_format(cfg, tokenizer)
     pad_id = fmt.eos[0]  # right padding: causal attention keeps real tokens from seeing it
 
+    plan = planner_arguments(cfg)
+
     def packed(c: TrainConfig):  # (training slices, this rank's held-out slices) in the format c writes
         f, train_sets = trajectory_format(c, tokenizer), load_episode_sets(c, "train")
         if c.relabel_states:
             train_sets = relabel_states(train_sets, random.Random(f"{c.seed}/relabel"))
-        heldout = dqn.pack_slices(load_episode_sets(c, "heldout"), f, c.context_len, random.Random(c.seed))
-        return (dqn.pack_slices(train_sets, f, c.context_len, random.Random(c.seed)),
+        heldout = dqn.pack_slices(load_episode_sets(c, "heldout"), f, c.context_len, random.Random(c.seed), plan)
+        return (dqn.pack_slices(train_sets, f, c.context_len, random.Random(c.seed), plan),
                 heldout[:c.eval_slices][rank::world])
     slices, heldout = packed(cfg)
     # --canvas-from-step: the steps before it train, and report the held-out loss, on --canvas-first-stage's states
@@ -724,7 +750,7 @@ def train(cfg: TrainConfig) -> Path:
 
     def pack_online():
         return [sl for s, sets in online_sets
-                for sl in dqn.pack_slices(sets, fmt, cfg.context_len, random.Random(f"{cfg.seed}/online{s}"))]
+                for sl in dqn.pack_slices(sets, fmt, cfg.context_len, random.Random(f"{cfg.seed}/online{s}"), plan)]
     online_pool = pack_online()
 
     def to_device(batch):

@@ -393,7 +393,7 @@ def test_evaluate_writes_outputs_and_is_deterministic(tmp_path):
         texts.append(json.dumps(record, sort_keys=True))
     assert texts[0] == texts[1]
     record = json.loads(texts[0])
-    assert set(record["policies"]) == {"model", "random", "q-learning", "oracle"}
+    assert set(record["policies"]) == {"model", "random", "q-learning", "planner", "oracle"}
     assert len(record["policies"]["model"]["success"][0]) == 3  # seed -> map -> episode
     assert len(record["policies"]["model"]["success"][0][0]) == 8  # 4 on each of the two maps
     assert len(record["policies"]["random"]["success"]) == 2
@@ -463,7 +463,7 @@ def test_evaluate_loads_a_train_py_run(tmp_path, monkeypatch):
     for name in ("results.json", "success.csv", "summary.md", "success.png"):
         assert (out_dir / name).stat().st_size > 0
     record = json.loads((out_dir / "results.json").read_text())
-    assert set(record["policies"]) == set(report["id"]) == {"model", "random", "q-learning", "oracle"}
+    assert set(record["policies"]) == set(report["id"]) == {"model", "random", "q-learning", "planner", "oracle"}
     model_run = record["policies"]["model"]
     for key in ("success", "steps", "truncated", "greedy_steps"):
         assert [len(model_run[key])] + [len(r) for r in model_run[key][0]] == [1, 2, 2], key  # seed -> map -> episode

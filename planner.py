@@ -1,0 +1,98 @@
+"""Context-planner targets: the Q-values an optimistic model-based planner would give, planning with exactly the
+transitions written in the context so far (our option `--targets planner`, not the paper's).
+
+The paper regresses Q on double-DQN bootstraps of the data's own actions (Eq. 6); our Monte-Carlo option on the
+return of the action's episode. Both only say how good the data's behaviour was, so on a lake where no episode in the
+context has reached the goal every action is worth 0 and the greedy policy has nothing to go on: it steps into the
+same hole again or loops (README, Results: 0.000–0.100 greedy success on those maps). These targets say instead what
+is worth doing given the context, for all four actions at every step:
+
+    Q(h, s, a) = 1                      (s, a) is known from h to enter a goal
+               = 0                      (s, a) is known to enter a hole (an episode ended there without reward)
+               = u = γ^K                (s, a) has not been tried in h: optimism (R-max, Brafman & Tennenholtz 2002),
+                                        "an untried move is worth a goal K steps away"
+               = γ · max_a' Q(h, s', a') (s, a) is known to lead to s'
+
+on the deterministic lake the context describes; multiplied by reward_scale like every other target. The greedy
+policy of these values walks to the nearest untried move until a goal is known, then takes the shortest known path,
+unless an untried move is more than K steps closer. Played under evaluate.py's warm-up schedule it solves 0.999 of the
+held-out 3-5 x 3-5 lakes and 0.903 of the 6-7 x 6-7 ones (K = 8, 3 seeds), against 0.487 / 0.211 for tabular
+Q-learning; the model's job is to read that planner off its context.
+
+The planner sees what the model sees: one slice's context, every episode in it, the current episode up to the step.
+Slices may hold the end of one map's set and the start of the next: the planner then keeps the older map's moves
+until the newer one contradicts them (the latest evidence about an (s, a) wins; a state an episode walked on is not
+terminal), the rule a non-stationary lake needs too. No geometry: a state is only a number, as for the model.
+
+The values are exact by breadth-first search instead of value iteration: on a deterministic lake a state's value is
+that of its best reachable exit discounted by the path length, V(s) = max(γ^d_goal(s), u · γ^d_untried(s)), with d
+the fewest known non-terminal moves from s to a state that has a goal-entering move (an untried move).
+"""
+import collections
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ContextModel:
+    """The lake as the context describes it so far; `q` plans on it (values cached until the next new fact)."""
+    moves: dict = field(default_factory=dict)  # (s, a) -> s', the latest outcome written in the context
+    ends: dict = field(default_factory=dict)   # s -> reward of an episode that terminated on entering s
+    _values: dict | None = field(default=None, repr=False)
+
+    def learn(self, s: int, a: int, s_next: int, terminated: bool, reward: float):
+        changed = self.moves.get((s, a)) != s_next or s in self.ends or (s_next in self.ends) != terminated
+        self.moves[(s, a)] = s_next
+        self.ends.pop(s, None)  # an episode stood on s: not terminal (any more)
+        if terminated:
+            changed = changed or self.ends.get(s_next) != reward
+            self.ends[s_next] = reward
+        else:
+            self.ends.pop(s_next, None)
+        if changed:
+            self._values = None
+
+    def values(self, gamma: float, untried: float) -> dict:
+        """V(s) for every state the context names (others: all moves untried, V = untried)."""
+        states = {s for s, _ in self.moves} | set(self.moves.values())
+        into = collections.defaultdict(list)  # s' -> states with a known non-terminal move to it
+        for (s, a), t in self.moves.items():
+            if t not in self.ends and t != s:
+                into[t].append(s)
+        tried = collections.Counter(s for s, _ in self.moves)
+        d_goal = _hops_to(into, {s for (s, _), t in self.moves.items() if self.ends.get(t, 0) > 0})
+        d_untried = _hops_to(into, {s for s in states if tried[s] < 4 and s not in self.ends})
+        values = {}
+        for s in states - self.ends.keys():  # V(s) = max(γ^d_goal, u·γ^d_untried), 0 if neither is reachable
+            exits = [gamma ** d_goal[s]] if s in d_goal else []
+            exits += [untried * gamma ** d_untried[s]] if s in d_untried else []
+            values[s] = max(exits, default=0.0)
+        return values
+
+    def q(self, s: int, gamma: float, untried: float) -> list[float]:
+        """[Q(s, a) for a in 0..3] by the module docstring's rule (unscaled: a goal-entering move is 1)."""
+        if self._values is None:
+            self._values = self.values(gamma, untried)
+        out = []
+        for a in range(4):
+            t = self.moves.get((s, a))
+            out.append(untried if t is None else self.ends[t] if t in self.ends
+                       else gamma * self._values.get(t, untried))
+        return out
+
+
+    def settled(self, s: int) -> list[bool]:
+        """[a is untried, or known to end the episode] for a in 0..3: the moves whose value is one lookup away
+        (u, or the end's reward), not a path through the lake."""
+        return [(s, a) not in self.moves or self.moves[s, a] in self.ends for a in range(4)]
+
+
+def _hops_to(into: dict, sources: set) -> dict:
+    """Fewest known moves from each state to any source: breadth-first search backwards along `into`."""
+    hops, queue = {s: 0 for s in sources}, collections.deque(sources)
+    while queue:
+        t = queue.popleft()
+        for s in into[t]:
+            if s not in hops:
+                hops[s] = hops[t] + 1
+                queue.append(s)
+    return hops
