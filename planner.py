@@ -19,6 +19,13 @@ unless an untried move is more than K steps closer. Played under evaluate.py's w
 held-out 3-5 x 3-5 lakes and 0.903 of the 6-7 x 6-7 ones (K = 8, 3 seeds), against 0.487 / 0.211 for tabular
 Q-learning; the model's job is to read that planner off its context.
 
+Two ways to use them (train.py): `--targets planner` regresses all four Q-values on these targets: it did not learn
+(greedy success 0.016, 71 % of greedy episodes loop: known holes stay at 16 instead of 0, the path values need a
+multi-hop search the small model did not form in 1250 steps). `--targets optimistic` keeps the Monte-Carlo return
+for the action taken and adds the planner's value only where it is one lookup away (`settled`: an untried move u, a
+move known to end in a hole 0 or a goal 1) for the other three: the exploration the Monte-Carlo targets lack; it
+raised greedy success (README, Results).
+
 The planner sees what the model sees: one slice's context, every episode in it, the current episode up to the step.
 Slices may hold the end of one map's set and the start of the next: the planner then keeps the older map's moves
 until the newer one contradicts them (the latest evidence about an (s, a) wins; a state an episode walked on is not

@@ -147,13 +147,13 @@ class TrainConfig:
     reward_scale: float = option(30.0, "episode reward x this in the targets, to match the logit scale (paper: 30)")
     alpha: float = option(0.1, "Polyak rate: target <- α·online + (1-α)·target after every step (paper: 0.1)")
     targets: str = option("mc", "regression targets: dqn (the paper's double-DQN bootstrap, Eq. 6), mc (the "
-                          "discounted return of the action's episode: no target network) or planner (all 4 actions' "
-                          "values by an optimistic planner on the context's transitions: planner.py)",
-                          choices=("dqn", "mc", "planner"))
-    optimism: bool = option(False, "--targets mc: also regress each action not taken whose outcome the context "
-                            "settles in one lookup: untried (γ^--untried-steps), a known hole (0) or goal (1); planner.py")
-    untried_steps: int = option(8, "--targets planner: an untried move is worth a goal this many steps away, "
-                                "γ^N (the planner's optimism; 8: it then explores until a goal is known)")
+                          "discounted return of the action's episode: no target network), optimistic (mc for the "
+                          "action taken, and for each other action whose outcome the context settles in one lookup "
+                          "the planner's value: untried γ^--untried-steps, a known hole 0, a goal 1) or planner (all "
+                          "4 actions' values by an optimistic planner on the context's transitions); planner.py",
+                          choices=("dqn", "mc", "optimistic", "planner"))
+    untried_steps: int = option(8, "--targets planner / optimistic: an untried move is worth a goal this many steps "
+                                "away, γ^N (the planner's optimism; 8: it then explores until a goal is known)")
     novelty_bonus: float = option(0.0, "--targets mc: add this x the discounted count of the episode's later steps "
                                   "that reach a state new to the context (an exploration bonus, not the paper's)")
     aux_lm: float = option(30.0, "weight of an auxiliary next-token loss at the non-Q positions (next observation, "
@@ -239,11 +239,8 @@ def check_config(cfg: TrainConfig):
     if cfg.canvas_from_step and cfg.online_every:
         raise ValueError("--canvas-from-step with --online-every: the model would play in a format it is not yet "
                          "trained on; use one of them")
-    if cfg.optimism and cfg.targets != "mc":
-        raise ValueError("--optimism adds the planner's one-hop values to the Monte-Carlo targets: use --targets mc "
-                         "(--targets planner already regresses all four actions)")
-    if cfg.novelty_bonus and cfg.targets != "mc":
-        raise ValueError("--novelty-bonus is added to the Monte-Carlo targets: use it with --targets mc")
+    if cfg.novelty_bonus and cfg.targets not in ("mc", "optimistic"):
+        raise ValueError("--novelty-bonus is added to the Monte-Carlo targets: use it with --targets mc or optimistic")
     if cfg.untried_steps < 0:
         raise ValueError(f"--untried-steps is a number of steps (the untried value is γ^N), got {cfg.untried_steps}")
     if cfg.aux_lm < 0:
@@ -636,7 +633,7 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
 
 def planner_arguments(cfg: TrainConfig) -> tuple[float, float] | None:
     """(γ, untried value) for dqn.pack_slices when the targets are the context planner's, else None."""
-    return (cfg.gamma, cfg.gamma ** cfg.untried_steps) if cfg.targets == "planner" or cfg.optimism else None
+    return (cfg.gamma, cfg.gamma ** cfg.untried_steps) if cfg.targets in ("optimistic", "planner") else None
 
 
 def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, autocast, aux_lm=0.0):
@@ -655,9 +652,9 @@ def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, a
     if cfg.targets == "planner":
         targets = cfg.reward_scale * batch["planner_q"]                                            # (B, P, 4)
         return dqn.td_loss(q_online, targets, batch, cfg.normalize_by_mean_target), aux
-    if cfg.targets == "mc":
+    if cfg.targets in ("mc", "optimistic"):
         targets = dqn.monte_carlo_targets(batch, cfg.gamma, cfg.reward_scale, cfg.novelty_bonus)  # (B, P)
-        if not cfg.optimism:
+        if cfg.targets == "mc":
             return dqn.td_loss(q_online, targets, batch, cfg.normalize_by_mean_target), aux
         # the taken action keeps its return; the others are regressed where the planner's value is a one-hop fact
         taken = torch.nn.functional.one_hot(batch["actions"], 4).bool()                           # (B, P, 4)

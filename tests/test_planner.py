@@ -164,3 +164,41 @@ def test_planner_policy_solves_held_out_lakes_under_the_warmup_schedule():
     last10 = [sum(row[20:]) / 10 for row in mine["success"]]
     assert sum(last10) / len(last10) >= 0.95
     assert sum(last10) > sum(sum(row[20:]) / 10 for row in ql["success"]) + 5
+
+
+def test_settled_moves_by_hand():
+    lake = planner.ContextModel()
+    learn_episode(lake, Episode([0, 1, 5], [RIGHT, DOWN], [0.0, 0.0]))  # 0 → 1 → hole 5
+    assert lake.settled(0) == [True, True, False, True]   # right is known to lead on (a path: not one lookup)
+    assert lake.settled(1) == [True, True, True, True]    # down ends in a hole; the rest untried
+    lake.learn(1, LEFT, 0, False, 0.0)
+    assert lake.settled(1) == [False, True, True, True]
+
+
+@pytest.mark.filterwarnings("ignore:pack_slices dropped")
+def test_optimistic_targets_by_hand(tmp_path):
+    """--targets optimistic: the taken action regresses on its Monte-Carlo return, each other action only where the
+    planner's value is one lookup away (untried: 30·γ^K; known hole: 0), never on a multi-hop path value."""
+    from test_train import tiny
+    cfg = tiny(tmp_path, targets="optimistic", untried_steps=2)
+    tok = train.small_tokenizer(cfg.format)
+    fmt = train.trajectory_format(cfg, tok)
+    model = train.small_model(cfg, tok.n_words, tok.special_tokens)
+    # a 2 x 2 lake: one episode falls 0 →(down) 2 (a hole), the other goes 0 →(right) 1 →(down) 3 (the goal)
+    eps = [Episode([0, 2], [DOWN], [0.0]), Episode([0, 1, 3], [RIGHT, DOWN], [0.0, 1.0])]
+    batch = dqn.collate(dqn.pack_slices([eps], fmt, 160, random.Random(1), train.planner_arguments(cfg)), fmt.eos[0])
+    assert batch["actions"][0, :3].tolist() in ([DOWN, RIGHT, DOWN], [RIGHT, DOWN, DOWN])
+    ids = torch.tensor(fmt.action_ids)
+    q = dqn.q_values(model, batch["tokens"], batch["q_positions"], ids)
+    loss, _ = train.td_loss_on(batch, model, None, model, None, ids, cfg, contextlib.nullcontext)
+    u = 30 * 0.9 ** 2
+    if batch["actions"][0, 0] == DOWN:  # the fall first: at the second episode's start, down is a known hole
+        y = [[(DOWN, 0.0), (LEFT, u), (RIGHT, u), (UP, u)],
+             [(RIGHT, 30 * 0.9), (DOWN, 0.0), (LEFT, u), (UP, u)],
+             [(DOWN, 30.0), (LEFT, u), (RIGHT, u), (UP, u)]]
+    else:                               # the success first: at the fall's start, right is known (a path): no target
+        y = [[(RIGHT, 30 * 0.9), (LEFT, u), (DOWN, u), (UP, u)],
+             [(DOWN, 30.0), (LEFT, u), (RIGHT, u), (UP, u)],
+             [(DOWN, 0.0), (LEFT, u), (UP, u)]]
+    expected = sum((q[0, p, a].item() - t) ** 2 for p, row in enumerate(y) for a, t in row) / sum(map(len, y))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
