@@ -25,10 +25,12 @@ Deliberate deviations from the paper (arXiv 2501.14176):
   already computes something; on random weights it cannot learn), lr 3e-3 with gradient clipping 1.0, a built-in
   vocabulary (bytes + merges for dqn.FORMAT_TEXTS + the Llama 3 special-token names + dqn.COMPACT_SPECIALS), RoPE
   base 500000 as in Llama 3.1 but without its long-context scaling (the contexts stay far below 8192 tokens).
-  By default it writes the compact format with hindsight recaps (dqn.CompactFormat), regresses on Monte-Carlo
-  returns (--targets mc) and adds an auxiliary next-token loss on the trajectory (--aux-lm 30, dqn.next_token_loss)
-  for 1250 steps: the best of what we measured on the CPU (README, Results: greedy success 0.50-0.68 on held-out
-  maps over 4 runs of 3 seeds, tabular Q-learning 0.49; the paper's text and targets on this model: 0.09).
+  By default it writes the compact format with hindsight recaps (dqn.CompactFormat), regresses the action taken on
+  its Monte-Carlo return and the other actions, where the context settles them in one lookup, on an optimistic
+  planner's values (--targets optimistic, planner.py: untried moves are worth exploring), and adds an auxiliary
+  next-token loss on the trajectory (--aux-lm 30, dqn.next_token_loss) for 1250 steps: the best of what we measured
+  on the CPU (README, Results: greedy success 0.70-0.80 on held-out maps over seeds, Monte-Carlo targets alone
+  0.50-0.68, tabular Q-learning 0.49; the paper's text and targets on this model: 0.09).
   `--format paper --targets dqn --lr 1e-3 --aux-lm 0` is the paper's recipe on the same model.
 - Optional online rounds (--online-every): the model's own episodes join the data (the paper's §4.6 proposal).
 - Optional --set-order chronological keeps the Q-learner's episode order inside a set (the paper shuffles).
@@ -146,7 +148,7 @@ class TrainConfig:
     gamma: float = option(0.9, "discount γ of the Bellman targets (paper: 0.9)")
     reward_scale: float = option(30.0, "episode reward x this in the targets, to match the logit scale (paper: 30)")
     alpha: float = option(0.1, "Polyak rate: target <- α·online + (1-α)·target after every step (paper: 0.1)")
-    targets: str = option("mc", "regression targets: dqn (the paper's double-DQN bootstrap, Eq. 6), mc (the "
+    targets: str = option("optimistic", "regression targets: dqn (the paper's double-DQN bootstrap, Eq. 6), mc (the "
                           "discounted return of the action's episode: no target network), optimistic (mc for the "
                           "action taken, and for each other action whose outcome the context settles in one lookup "
                           "the planner's value: untried γ^--untried-steps, a known hole 0, a goal 1) or planner (all "
@@ -154,8 +156,9 @@ class TrainConfig:
                           choices=("dqn", "mc", "optimistic", "planner"))
     untried_steps: int = option(8, "--targets planner / optimistic: an untried move is worth a goal this many steps "
                                 "away, γ^N (the planner's optimism; 8: it then explores until a goal is known)")
-    novelty_bonus: float = option(0.0, "--targets mc: add this x the discounted count of the episode's later steps "
-                                  "that reach a state new to the context (an exploration bonus, not the paper's)")
+    novelty_bonus: float = option(0.0, "--targets mc / optimistic: add this x the discounted count of the episode's "
+                                  "later steps that reach a state new to the context (an exploration bonus, not the "
+                                  "paper's)")
     aux_lm: float = option(30.0, "weight of an auxiliary next-token loss at the non-Q positions (next observation, "
                            "hole/goal, recap: dqn.next_token_loss; not the paper's), added to the TD loss (0: off)")
     normalize_by_mean_target: bool = option(False, "divide the TD error by the detached mean target (authors' code)")
