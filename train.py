@@ -34,9 +34,11 @@ Deliberate deviations from the paper (arXiv 2501.14176):
   `--format paper --targets dqn --lr 1e-3 --aux-lm 0` is the paper's recipe on the same model.
 - Optional online rounds (--online-every): the model's own episodes join the data (the paper's §4.6 proposal).
 - Optional --set-order chronological keeps the Q-learner's episode order inside a set (the paper shuffles).
-- Optional --learner rmax: the histories of R-max (model-based, optimistic) instead of Q-learning; --novelty-bonus:
-  an exploration bonus in the Monte-Carlo targets; --canvas: states as tiles of an 8x8 canvas at random offsets,
-  with --canvas-from-step as a second stage after ordinary states (README, Results, for what each did).
+- Optional --targets mc (Monte-Carlo returns alone, the previous default) or planner (all four actions on the context
+  planner's values, planner.py: did not learn); --learner rmax: the histories of R-max (model-based, optimistic)
+  instead of Q-learning; --novelty-bonus: an exploration bonus in the Monte-Carlo targets; --canvas: states as tiles
+  of an 8x8 canvas at random offsets, with --canvas-from-step as a second stage after ordinary states (README,
+  Results, for what each did).
 - Held-out TD loss is measured on data generated the same way on frozenlake.test_maps() (50 maps, disjoint from
   the training maps), not on a split of the training maps.
 - Slices inside one forward pass (`micro_batch` > 1) share one mean over their action positions; the paper's 10
