@@ -97,6 +97,7 @@ class EvalConfig:
     demo_trials: int = 3             # greedy episodes after the demonstrations (demo experiment), in one history
     q_lr: float = 0.5                # tabular Q-learning step size α
     q_gamma: float = 0.9             # tabular Q-learning discount γ (the paper's DQN γ)
+    planner_untried_steps: int = 8   # the planner baseline values an untried move like a goal N steps away: 0.9^N
     max_steps: int = 100             # episode step limit
     out: str | None = None           # output root; results go to OUT/<experiment>/ (default <run>/eval)
     progress: bool = True            # tqdm progress bar
@@ -621,6 +622,9 @@ def check_config(cfg, model_given=False):
         raise ValueError(f"--maps must be at least 1 (or left out for all 50), got {cfg.maps}")
     if cfg.warmup < 0 or cfg.warmup % 2:
         raise ValueError(f"--warmup must be a non-negative even number (p steps up every 2 episodes), got {cfg.warmup}")
+    if cfg.planner_untried_steps < 0:
+        raise ValueError(f"--planner-untried-steps is a number of steps (the untried value is 0.9^N), got "
+                         f"{cfg.planner_untried_steps}")
     if cfg.run is None and not cfg.baselines_only and not model_given:
         raise ValueError("give --run RUN_DIR (a train.py output dir or checkpoint dir) or --baselines-only")
 
@@ -646,7 +650,7 @@ def evaluate(cfg, policy_model=None):
         seeds = [cfg.seed + i for i in range(cfg.baseline_seeds)]
         jobs = [("model", lambda seed: policy_model, [cfg.seed])] if policy_model is not None else []
         jobs += [("random", RandomPolicy, seeds), ("q-learning", lambda s: QLearningPolicy(cfg.q_lr, cfg.q_gamma, s),
-                                                    seeds), ("planner", lambda s: PlannerPolicy(seed=s), seeds),
+                                                    seeds), ("planner", lambda s: PlannerPolicy(untried=0.9 ** cfg.planner_untried_steps, seed=s), seeds),
                  ("oracle", lambda seed: OraclePolicy(), seeds)]
         total = sum(len(s) for _, _, s in jobs) * len(map_sequences) * len(probs) * len(map_sequences[0])
         results, model_stats = {}, {}
@@ -701,6 +705,8 @@ def parse_args(argv=None):
                    help="demo experiment: greedy episodes after the shortest-path demonstrations, in one history")
     p.add_argument("--q-lr", type=float, default=d.q_lr, help="Q-learning baseline step size")
     p.add_argument("--q-gamma", type=float, default=d.q_gamma, help="Q-learning baseline discount")
+    p.add_argument("--planner-untried-steps", type=int, default=d.planner_untried_steps,
+                   help="planner baseline: an untried move is worth a goal N steps away (0.9^N; train.py's default 8)")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="episode step limit")
     p.add_argument("--out", default=d.out, help="output root (results in OUT/<experiment>/; default RUN/eval)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

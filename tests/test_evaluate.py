@@ -523,5 +523,7 @@ def test_cli_rejects_bad_input():
         evaluate.parse_args(["--experiment", "id"])  # neither --run nor --baselines-only
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--baselines-only", "--episodes", "0"])
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--baselines-only", "--planner-untried-steps", "-1"])
     cfg = evaluate.parse_args(["--baselines-only", "--experiment", "ood", "--maps", "5"])
     assert (cfg.experiment, cfg.maps, cfg.baselines_only) == ("ood", 5, True)
