@@ -62,6 +62,9 @@ Deviations and options: `monte_carlo_targets` regresses Q on the discounted retu
 sequence, as the authors' code does (the paper does not mention it); the mean is floored at 1 so a sequence of
 all-zero targets (only failures) does not blow up. Padded action slots of a batch are masked out.
 `next_token_loss` is an auxiliary language-model loss on the trajectory (every token but the actions), our addition.
+`pack_slices(plan=...)` also records, at every action, the context planner's values of all four actions and which of
+them are one-hop facts (planner.py); `td_loss` then takes (B, P, 4) targets and a mask of the (slot, action) pairs to
+regress (train.py's `--targets optimistic` and `planner`).
 """
 import random
 import warnings
