@@ -219,10 +219,7 @@ class PlannerPolicy:
         self.rngs = [random.Random(f"planner-ties/{self.seed}/{row}") for row in range(n_rows)]
 
     def add_context(self, row, episode):
-        n = len(episode.actions)
-        for t in range(n):
-            self.lakes[row].learn(episode.observations[t], episode.actions[t], episode.observations[t + 1],
-                                  t == n - 1 and not episode.truncated, episode.rewards[t])
+        self.lakes[row].learn_episode(episode)
 
     def greedy_actions(self, rows, maps, episodes):
         actions = []
@@ -649,8 +646,10 @@ def evaluate(cfg, policy_model=None):
         map_sequences, probs, context = setup
         seeds = [cfg.seed + i for i in range(cfg.baseline_seeds)]
         jobs = [("model", lambda seed: policy_model, [cfg.seed])] if policy_model is not None else []
+        untried = 0.9 ** cfg.planner_untried_steps
         jobs += [("random", RandomPolicy, seeds), ("q-learning", lambda s: QLearningPolicy(cfg.q_lr, cfg.q_gamma, s),
-                                                    seeds), ("planner", lambda s: PlannerPolicy(untried=0.9 ** cfg.planner_untried_steps, seed=s), seeds),
+                                                    seeds),
+                 ("planner", lambda s: PlannerPolicy(untried=untried, seed=s), seeds),
                  ("oracle", lambda seed: OraclePolicy(), seeds)]
         total = sum(len(s) for _, _, s in jobs) * len(map_sequences) * len(probs) * len(map_sequences[0])
         results, model_stats = {}, {}

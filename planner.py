@@ -45,7 +45,7 @@ class ContextModel:
     """The lake as the context describes it so far; `q` plans on it (values cached until the next new fact)."""
     moves: dict = field(default_factory=dict)  # (s, a) -> s', the latest outcome written in the context
     ends: dict = field(default_factory=dict)   # s -> reward of an episode that terminated on entering s
-    _values: dict | None = field(default=None, repr=False)
+    _plan: tuple | None = field(default=None, repr=False)  # (γ, untried, V) of the last plan; None after a new fact
 
     def learn(self, s: int, a: int, s_next: int, terminated: bool, reward: float):
         changed = self.moves.get((s, a)) != s_next or s in self.ends or (s_next in self.ends) != terminated
@@ -57,7 +57,14 @@ class ContextModel:
         else:
             self.ends.pop(s_next, None)
         if changed:
-            self._values = None
+            self._plan = None
+
+    def learn_episode(self, ep):
+        """Every step of a finished or unfinished dqn.Episode; its last step ends it unless it was truncated."""
+        n = len(ep.actions)
+        for t in range(n):
+            self.learn(ep.observations[t], ep.actions[t], ep.observations[t + 1], t == n - 1 and not ep.truncated,
+                       ep.rewards[t])
 
     def values(self, gamma: float, untried: float) -> dict:
         """V(s) for every state the context names (others: all moves untried, V = untried)."""
@@ -78,15 +85,14 @@ class ContextModel:
 
     def q(self, s: int, gamma: float, untried: float) -> list[float]:
         """[Q(s, a) for a in 0..3] by the module docstring's rule (unscaled: a goal-entering move is 1)."""
-        if self._values is None:
-            self._values = self.values(gamma, untried)
+        if self._plan is None or self._plan[:2] != (gamma, untried):
+            self._plan = (gamma, untried, self.values(gamma, untried))
+        values = self._plan[2]
         out = []
         for a in range(4):
             t = self.moves.get((s, a))
-            out.append(untried if t is None else self.ends[t] if t in self.ends
-                       else gamma * self._values.get(t, untried))
+            out.append(untried if t is None else self.ends[t] if t in self.ends else gamma * values.get(t, untried))
         return out
-
 
     def settled(self, s: int) -> list[bool]:
         """[a is untried, or known to end the episode] for a in 0..3: the moves whose value is one lookup away

@@ -643,7 +643,8 @@ def planner_arguments(cfg: TrainConfig) -> tuple[float, float] | None:
 
 def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, autocast, aux_lm=0.0):
     """Eq. 6-7 on one collated batch: online Q (with grad), target Q (no grad), double-DQN targets, MSE
-    (--targets mc: the Monte-Carlo returns instead, no target forward). -> (TD loss, next-token loss or None):
+    (--targets mc / optimistic / planner: the Monte-Carlo returns, plus or instead the context planner's values of
+    the batch, no target forward). -> (TD loss, next-token loss or None):
     with aux_lm > 0 one forward gives the logits at every position, the Q-values are read from them."""
     aux = None
     with autocast():
