@@ -326,6 +326,7 @@ class Slice:
     novel: list[bool] = field(default_factory=list)        # the action reached a state not yet in this slice
     planner_q: list[list[float]] = field(default_factory=list)  # the context planner's 4 Q-values (planner.py)
     settled: list[list[bool]] = field(default_factory=list)     # which of them are one-hop facts (untried or an end)
+    proven: list[float] = field(default_factory=list)  # the taken action's value along known moves only (untried 0)
     seen: set = field(default_factory=set, repr=False)     # states written in this slice so far
     lake: planner.ContextModel = field(default_factory=planner.ContextModel, repr=False)  # what the slice shows
 
@@ -349,6 +350,7 @@ def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[
         for t, (obs, a, nxt, r) in enumerate(zip(ep.observations, ep.actions, ep.observations[1:], ep.rewards)):
             s.planner_q.append(s.lake.q(obs, *plan))
             s.settled.append(s.lake.settled(obs))
+            s.proven.append(s.lake.q(obs, plan[0], 0.0)[a])
             s.lake.learn(obs, a, nxt, t == n - 1 and not ep.truncated, r)
 
 
@@ -394,7 +396,7 @@ def collate(slices: list[Slice], pad_id: int) -> dict[str, torch.Tensor]:
            "next_index": torch.full((B, P), -1, dtype=torch.long), "mask": torch.zeros(B, P, dtype=torch.bool),
            "to_go": torch.zeros(B, P, dtype=torch.long), "returns": torch.zeros(B, P),
            "novel": torch.zeros(B, P), "planner_q": torch.zeros(B, P, 4),
-           "settled": torch.zeros(B, P, 4, dtype=torch.bool),
+           "settled": torch.zeros(B, P, 4, dtype=torch.bool), "proven": torch.zeros(B, P),
            "lm_mask": torch.zeros(B, T, dtype=torch.bool)}
     for b, s in enumerate(slices):
         n = len(s.actions)
@@ -406,6 +408,7 @@ def collate(slices: list[Slice], pad_id: int) -> dict[str, torch.Tensor]:
         if s.planner_q:
             out["planner_q"][b, :n] = torch.tensor(s.planner_q)
             out["settled"][b, :n] = torch.tensor(s.settled)
+            out["proven"][b, :n] = torch.tensor(s.proven)
         out["mask"][b, :n] = True
     return out
 

@@ -45,7 +45,7 @@ class ContextModel:
     """The lake as the context describes it so far; `q` plans on it (values cached until the next new fact)."""
     moves: dict = field(default_factory=dict)  # (s, a) -> s', the latest outcome written in the context
     ends: dict = field(default_factory=dict)   # s -> reward of an episode that terminated on entering s
-    _plan: tuple | None = field(default=None, repr=False)  # (γ, untried, V) of the last plan; None after a new fact
+    _plans: dict = field(default_factory=dict, repr=False)  # (γ, untried) -> V since the last new fact
 
     def learn(self, s: int, a: int, s_next: int, terminated: bool, reward: float):
         changed = self.moves.get((s, a)) != s_next or s in self.ends or (s_next in self.ends) != terminated
@@ -57,7 +57,7 @@ class ContextModel:
         else:
             self.ends.pop(s_next, None)
         if changed:
-            self._plan = None
+            self._plans.clear()
 
     def learn_episode(self, ep):
         """Every step of a finished or unfinished dqn.Episode; its last step ends it unless it was truncated."""
@@ -85,9 +85,9 @@ class ContextModel:
 
     def q(self, s: int, gamma: float, untried: float) -> list[float]:
         """[Q(s, a) for a in 0..3] by the module docstring's rule (unscaled: a goal-entering move is 1)."""
-        if self._plan is None or self._plan[:2] != (gamma, untried):
-            self._plan = (gamma, untried, self.values(gamma, untried))
-        values = self._plan[2]
+        if (gamma, untried) not in self._plans:
+            self._plans[gamma, untried] = self.values(gamma, untried)
+        values = self._plans[gamma, untried]
         out = []
         for a in range(4):
             t = self.moves.get((s, a))

@@ -123,14 +123,14 @@ class TrainConfig:
     format: str = option("compact", "cpu model's trajectory format: paper (the paper's text blocks) or compact (one "
                      "token per observation/action/outcome + a hindsight recap per episode, dqn.CompactFormat)",
                      choices=("paper", "compact"))
-    canvas: bool = option(False, "compact format: write tile (row, col) as state row·8 + col (dqn.to_canvas), each "
+    canvas: bool = option(True, "compact format: write tile (row, col) as state row·8 + col (dqn.to_canvas), each "
                           "training set at a random offset on the 8x8 canvas, so larger maps meet learned tokens")
-    canvas_from_step: int = option(0, "with --canvas: train on --canvas-first-stage's states before this step and on "
-                                   "canvas states at random offsets from it on, a second stage inside one run (0: "
-                                   "canvas from the start)")
-    canvas_first_stage: str = option("ordinary", "with --canvas-from-step, the states before it: ordinary numbering, or "
-                                     "canvas tiles with every set at the origin (a curriculum: one placement, then "
-                                     "random offsets)", choices=("ordinary", "origin"))
+    canvas_from: float = option(0.8, "with --canvas: this share of the run's steps trains on --canvas-first-stage's "
+                                "states, the rest on canvas states at random offsets, a second stage inside one run "
+                                "(0: canvas offsets from the start)")
+    canvas_first_stage: str = option("origin", "with --canvas-from > 0, the states of the first stage: canvas tiles "
+                                     "with every set at the origin (a curriculum: one placement, then random offsets) "
+                                     "or ordinary numbering", choices=("origin", "ordinary"))
     canvas_origin_share: float = option(0.0, "with --canvas: this share of the training sets sits at the canvas "
                                         "origin (0, 0), where evaluate.py writes every map; the rest at random offsets")
     relabel_states: bool = option(False, "rename the states of each training set by a random permutation of 0..63, "
@@ -158,6 +158,9 @@ class TrainConfig:
                           choices=("dqn", "mc", "optimistic", "planner"))
     untried_steps: int = option(8, "--targets planner / optimistic: an untried move is worth a goal this many steps "
                                 "away, γ^N (the planner's optimism; 8: it then explores until a goal is known)")
+    proven_floor: bool = option(False, "--targets mc / optimistic: the taken action's target is max(its Monte-Carlo "
+                                "return, the return of the shortest path to a goal that the context shows from "
+                                "where the action leads): both are returns the lake is known to give")
     novelty_bonus: float = option(0.0, "--targets mc / optimistic: add this x the discounted count of the episode's "
                                   "later steps that reach a state new to the context (an exploration bonus, not the "
                                   "paper's)")
@@ -182,7 +185,7 @@ class TrainConfig:
     progress: bool = option(True, "show the tqdm progress bar")
 
 
-PAPER = dict(format="paper", targets="dqn", aux_lm=0.0, context_len=4096, slices_per_step=10, micro_batch=1, lr=1e-2,
+PAPER = dict(format="paper", canvas=False, targets="dqn", aux_lm=0.0, context_len=4096, slices_per_step=10, micro_batch=1, lr=1e-2,
              warmup_steps=10, weight_decay=0.01, grad_clip=0.0, gamma=0.9, reward_scale=30.0, alpha=0.1, steps=0,
              epochs=1.0,
              sets_per_map=58,  # 250 maps x 58 sets x ~2.7k tokens ≈ the paper's 39M tokens, ≈ 956 steps
@@ -231,19 +234,19 @@ def check_config(cfg: TrainConfig):
         raise ValueError(f"--format compact needs the cpu preset's own vocabulary; {cfg.preset} writes the paper's "
                          f"text with its base model's tokenizer: drop --format or use --preset cpu")
     if cfg.canvas and cfg.format != "compact":
-        raise ValueError("--canvas writes the compact format's state tokens; add --format compact (cpu preset)")
-    if cfg.canvas_from_step and not (cfg.canvas and 0 < cfg.canvas_from_step < (cfg.steps or math.inf)):
-        raise ValueError(f"--canvas-from-step {cfg.canvas_from_step} starts a canvas stage: it needs --canvas and a "
-                         f"step after 0 and before --steps {cfg.steps}")
+        raise ValueError("--canvas writes the compact format's state tokens: add --no-canvas for --format paper, or "
+                         "--format compact (cpu preset)")
+    if not 0.0 <= cfg.canvas_from < 1.0:
+        raise ValueError(f"--canvas-from {cfg.canvas_from} is the share of the steps before the canvas stage: give a "
+                         f"number in [0, 1) (0: canvas offsets from the start)")
     if not 0.0 <= cfg.canvas_origin_share <= 1.0 or (cfg.canvas_origin_share and not cfg.canvas):
         raise ValueError(f"--canvas-origin-share {cfg.canvas_origin_share} is a share of the canvas training sets: "
                          f"give a number in [0, 1], with --canvas")
-    if cfg.canvas_first_stage != "ordinary" and not cfg.canvas_from_step:
-        raise ValueError(f"--canvas-first-stage {cfg.canvas_first_stage} is the stage before --canvas-from-step: "
-                         f"give --canvas-from-step too, or drop it")
-    if cfg.canvas_from_step and cfg.online_every:
-        raise ValueError("--canvas-from-step with --online-every: the model would play in a format it is not yet "
-                         "trained on; use one of them")
+    if cfg.canvas and cfg.canvas_from and cfg.online_every:
+        raise ValueError("--online-every with a first stage (--canvas-from): the model would play in a format it is "
+                         "not yet trained on; add --canvas-from 0 (canvas offsets from the start) or --no-canvas")
+    if cfg.proven_floor and cfg.targets not in ("mc", "optimistic"):
+        raise ValueError("--proven-floor raises the Monte-Carlo targets: use it with --targets mc or optimistic")
     if cfg.novelty_bonus and cfg.targets not in ("mc", "optimistic"):
         raise ValueError("--novelty-bonus is added to the Monte-Carlo targets: use it with --targets mc or optimistic")
     if cfg.untried_steps < 0:
@@ -618,6 +621,12 @@ def trajectory_format(cfg: TrainConfig, tokenizer) -> "dqn.TrajectoryFormat | dq
 # ---------------------------------------------------------------------------------------------------------------------
 # The loop
 
+def canvas_stage_start(cfg: TrainConfig, total_steps: int) -> int:
+    """The first step on canvas states at random offsets: --canvas-from of the run, 0 without a first stage. The
+    last step is always a canvas step, so a run of any length ends on the states evaluate.py is asked about."""
+    return min(round(cfg.canvas_from * total_steps), total_steps - 1) if cfg.canvas and cfg.canvas_from else 0
+
+
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
     """Linear warmup to cfg.lr over warmup_steps, then constant or a cosine decay that reaches 0 after the last step."""
     if step < cfg.warmup_steps:
@@ -638,7 +647,8 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
 
 def planner_arguments(cfg: TrainConfig) -> tuple[float, float] | None:
     """(γ, untried value) for dqn.pack_slices when the targets are the context planner's, else None."""
-    return (cfg.gamma, cfg.gamma ** cfg.untried_steps) if cfg.targets in ("optimistic", "planner") else None
+    planned = cfg.targets in ("optimistic", "planner") or cfg.proven_floor
+    return (cfg.gamma, cfg.gamma ** cfg.untried_steps) if planned else None
 
 
 def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, autocast, aux_lm=0.0):
@@ -660,6 +670,8 @@ def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, a
         return dqn.td_loss(q_online, targets, batch, cfg.normalize_by_mean_target), aux
     if cfg.targets in ("mc", "optimistic"):
         targets = dqn.monte_carlo_targets(batch, cfg.gamma, cfg.reward_scale, cfg.novelty_bonus)  # (B, P)
+        if cfg.proven_floor:  # y = max(G_t, R·γ^(1 + d_goal(s'))): what the episode got or a known path gives
+            targets = torch.maximum(targets, cfg.reward_scale * batch["proven"])
         if cfg.targets == "mc":
             return dqn.td_loss(q_online, targets, batch, cfg.normalize_by_mean_target), aux
         # the taken action keeps its return; the others are regressed where the planner's value is a one-hop fact
@@ -704,14 +716,15 @@ def train(cfg: TrainConfig) -> Path:
         return (dqn.pack_slices(train_sets, f, c.context_len, random.Random(c.seed), plan),
                 heldout[:c.eval_slices][rank::world])
     slices, heldout = packed(cfg)
-    # --canvas-from-step: the steps before it train, and report the held-out loss, on --canvas-first-stage's states
-    # (ordinary numbering, or canvas tiles with every set at the origin)
-    first = replace(cfg, canvas=False) if cfg.canvas_first_stage == "ordinary" else replace(cfg, canvas_origin_share=1)
-    first_stage = packed(first) if cfg.canvas_from_step else None
+    total_steps = cfg.steps or max(1, int(cfg.epochs * len(slices) // cfg.slices_per_step))
+    # --canvas-from: the steps before canvas_start train, and report the held-out loss, on --canvas-first-stage's
+    # states (canvas tiles with every set at the origin, or ordinary numbering)
+    canvas_start = canvas_stage_start(cfg, total_steps)
+    first = replace(cfg, canvas_origin_share=1) if cfg.canvas_first_stage == "origin" else replace(cfg, canvas=False)
+    first_stage = packed(first) if canvas_start else None
 
     def stage(s):  # -> (training slices, held-out slices) of step s
-        return first_stage if first_stage and s < cfg.canvas_from_step else (slices, heldout)
-    total_steps = cfg.steps or max(1, int(cfg.epochs * len(slices) // cfg.slices_per_step))
+        return first_stage if first_stage and s < canvas_start else (slices, heldout)
     action_ids = torch.tensor(fmt.action_ids, device=device)
 
     trainable = [p for p in (adapter or model).parameters() if p.requires_grad]
@@ -873,12 +886,12 @@ def train(cfg: TrainConfig) -> Path:
             signal.signal(signal.SIGINT, previous_handler)
     final = save()
     if rank == 0:
-        plot_losses(metrics_file, run_dir / "loss.png", cfg.canvas_from_step)
+        plot_losses(metrics_file, run_dir / "loss.png", canvas_start)
         print(f"[train] step {step}: checkpoint {final}", file=sys.stderr)
     return run_dir
 
 
-def plot_losses(metrics_file: Path, png: Path, canvas_from_step: int = 0):
+def plot_losses(metrics_file: Path, png: Path, canvas_start: int = 0):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -888,8 +901,8 @@ def plot_losses(metrics_file: Path, png: Path, canvas_from_step: int = 0):
     ax.plot([r["step"] for r in trained], [r["loss"] for r in trained], lw=0.8, label="train TD loss")
     held = [r for r in rows if "heldout_loss" in r]
     ax.plot([r["step"] for r in held], [r["heldout_loss"] for r in held], "o-", label="held-out TD loss (test maps)")
-    if canvas_from_step:  # the held-out loss is on canvas states from here on
-        ax.axvline(canvas_from_step, color="gray", ls=":", label="canvas stage starts")
+    if canvas_start:  # the held-out loss is on canvas states from here on
+        ax.axvline(canvas_start, color="gray", ls=":", label="canvas stage starts")
     ax.set(xlabel="optimizer step", ylabel="TD loss (Eq. 7)", yscale="log", title=png.parent.name)
     ax.legend()
     fig.tight_layout()

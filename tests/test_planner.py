@@ -2,6 +2,7 @@
 latest-evidence rule, its place in packing (what the slice shows before each step), the TD loss on all four actions,
 the train.py wiring, and its policy under evaluate.py's schedule against the paper-style baselines."""
 import contextlib
+import dataclasses
 import random
 
 import pytest
@@ -130,7 +131,7 @@ def test_td_loss_on_all_four_actions_by_hand():
 @pytest.mark.filterwarnings("ignore:pack_slices dropped")  # the tiny run's 160-token slices; not what is tested here
 def test_train_regresses_on_the_planner_targets(tmp_path):
     from test_train import tiny
-    cfg = tiny(tmp_path, targets="planner", untried_steps=4)
+    cfg = tiny(tmp_path, targets="planner", untried_steps=4, canvas=False)  # ordinary states, as written below
     tok = train.small_tokenizer(cfg.format)
     fmt = train.trajectory_format(cfg, tok)
     model = train.small_model(cfg, tok.n_words, tok.special_tokens)
@@ -145,7 +146,8 @@ def test_train_regresses_on_the_planner_targets(tmp_path):
     torch.testing.assert_close(loss, dqn.td_loss(q, y, batch))
     run = train.train(cfg)  # a whole tiny run with these targets trains and saves
     assert (run / "latest").read_text().startswith("checkpoints/step_")
-    paper = train.train(tiny(tmp_path / "paper", format="paper", targets="optimistic", aux_lm=0.0, steps=2))
+    paper = train.train(tiny(tmp_path / "paper", format="paper", canvas=False, targets="optimistic", aux_lm=0.0,
+                                   steps=2))
     assert (paper / "latest").read_text() == "checkpoints/step_000002"  # the planner does not care about the text
     with pytest.raises(ValueError, match="--untried-steps"):
         train.train(tiny(tmp_path, targets="planner", untried_steps=-1))
@@ -177,7 +179,7 @@ def test_optimistic_targets_by_hand(tmp_path):
     """--targets optimistic: the taken action regresses on its Monte-Carlo return, each other action only where the
     planner's value is one lookup away (untried: 30·γ^K; known hole: 0), never on a multi-hop path value."""
     from test_train import tiny
-    cfg = tiny(tmp_path, targets="optimistic", untried_steps=2)
+    cfg = tiny(tmp_path, targets="optimistic", untried_steps=2, canvas=False)  # ordinary states, as written below
     tok = train.small_tokenizer(cfg.format)
     fmt = train.trajectory_format(cfg, tok)
     model = train.small_model(cfg, tok.n_words, tok.special_tokens)
@@ -199,6 +201,40 @@ def test_optimistic_targets_by_hand(tmp_path):
              [(DOWN, 0.0), (LEFT, u), (UP, u)]]
     expected = sum((q[0, p, a].item() - t) ** 2 for p, row in enumerate(y) for a, t in row) / sum(map(len, y))
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+SUCCESS_FIRST = 0  # a shuffle seed of pack_slices that keeps the two episodes below in their order
+
+
+def test_proven_floor_raises_the_return_to_the_known_path(tmp_path):
+    """--proven-floor: the taken action's target is max(G_t, 30·γ^(1 + d_goal)) with d_goal the known moves from where
+    it leads to the goal. A success 0 → 1 → 3 then an episode that turns back and is truncated: its returns are 0, but
+    its first move (right, into 1) is on the path the context shows, worth 30·0.9; its turn back left is not."""
+    from test_train import tiny
+    cfg = tiny(tmp_path, targets="optimistic", proven_floor=True, canvas=False)
+    tok = train.small_tokenizer(cfg.format)
+    fmt = train.trajectory_format(cfg, tok)
+    model = train.small_model(cfg, tok.n_words, tok.special_tokens)
+    eps = [Episode([0, 1, 3], [RIGHT, DOWN], [0.0, 1.0]), Episode([0, 1, 0], [RIGHT, LEFT], [0.0, 0.0], truncated=True)]
+    batch = dqn.collate(dqn.pack_slices([eps], fmt, 160, random.Random(SUCCESS_FIRST), train.planner_arguments(cfg)),
+                        fmt.eos[0])
+    assert batch["actions"][0, :4].tolist() == [RIGHT, DOWN, RIGHT, LEFT]  # the shuffle put the success first
+    # before each step: nothing known, the goal entry not yet seen, the known path 1 → 3, back to 0 (no path known)
+    assert batch["proven"][0, :4].tolist() == pytest.approx([0.0, 0.0, 0.9, 0.0])
+    mc = dqn.monte_carlo_targets(batch, 0.9, 30.0)
+    assert mc[0, :4].tolist() == pytest.approx([27.0, 30.0, 0.0, 0.0])
+    ids = torch.tensor(fmt.action_ids)
+    q = dqn.q_values(model, batch["tokens"], batch["q_positions"], ids)
+    loss, _ = train.td_loss_on(batch, model, None, model, None, ids, cfg, contextlib.nullcontext)
+    plain, _ = train.td_loss_on(batch, model, None, model, None, ids, dataclasses.replace(cfg, proven_floor=False),
+                                contextlib.nullcontext)
+    # the one target that moves: the truncated episode's right at 0, from 0 to 27; every other term is the same
+    taken = [(p, a) for p, a in enumerate(batch["actions"][0, :4].tolist())]
+    shift = ((q[0, 2, RIGHT] - 27.0) ** 2 - q[0, 2, RIGHT] ** 2).item()
+    n = batch["settled"][0, :4].sum().item() + 4 - sum(batch["settled"][0, p, a].item() for p, a in taken)
+    assert loss.item() == pytest.approx(plain.item() + shift / n, rel=1e-5)
+    with pytest.raises(ValueError, match="--proven-floor raises the Monte-Carlo targets"):
+        train.train(tiny(tmp_path, targets="dqn", proven_floor=True))
 
 
 def test_planner_baseline_optimism_is_a_setting(tmp_path):

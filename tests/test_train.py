@@ -119,9 +119,9 @@ def test_data_deterministic_cached_and_quality(tmp_path, monkeypatch):
 def test_chronological_sets_keep_the_q_learners_order(tmp_path):
     """--set-order chronological: the same episodes as the (shuffled) default sets, in the order the Q-learner played
     them, so successes pile up towards the end of a set (a learning history, as in Algorithm Distillation)."""
-    shuffled = train.load_episode_sets(tiny(tmp_path, n_maps=30, set_min=20, set_max=20), "train")
-    chrono = train.load_episode_sets(tiny(tmp_path, n_maps=30, set_min=20, set_max=20, set_order="chronological"),
-                                     "train")
+    kw = dict(n_maps=30, set_min=20, set_max=20, canvas=False)  # ordinary states: the episodes as stored
+    shuffled = train.load_episode_sets(tiny(tmp_path, **kw), "train")
+    chrono = train.load_episode_sets(tiny(tmp_path, **kw, set_order="chronological"), "train")
     (where,) = (tmp_path / "data").glob("train-*")  # one data set on disk: the order is applied when loading
     data = json.loads((where / "episodes.json").read_text())
     for (m, r, chosen), a, b in zip(data["sets"], shuffled, chrono):
@@ -188,7 +188,7 @@ def test_bad_input_fails_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="--canvas writes the compact format"):
         train.train(tiny(tmp_path, canvas=True, format="paper"))
     with pytest.raises(ValueError, match="0 <= online_share <= 1"):
-        train.train(tiny(tmp_path, online_every=5, online_share=1.5))
+        train.train(tiny(tmp_path, online_every=5, online_share=1.5, canvas_from=0.0))
     ckpt = tmp_path / "run" / "checkpoints" / "step_000002"  # a checkpoint of another model shape
     ckpt.mkdir(parents=True)
     (ckpt / "train_config.json").write_text(json.dumps({**json.loads(json.dumps(tiny(tmp_path).__dict__)), "dim": 64}))
@@ -230,7 +230,8 @@ def test_tiny_run_writes_checkpoints_metrics_png_and_loads(tmp_path):
         train.small_tokenizer(cfg.format)).action_ids
     import transformers
     hf = transformers.LlamaForCausalLM.from_pretrained(ckpt / "model").eval()
-    tokens, qp = dqn.tokenize_episode(dqn.Episode([0, 1, 2], [2, 2], [0.0, 1.0]), fmt)
+    assert fmt.canvas  # the default trains its last stage on canvas states: an episode needs its map's width
+    tokens, qp = dqn.tokenize_episode(dqn.Episode([0, 1, 2], [2, 2], [0.0, 1.0], ncol=3), fmt)
     tokens = torch.tensor([tokens])
     q = dqn.q_values(model, tokens, torch.tensor([qp]), fmt.action_ids)
     with torch.no_grad():
@@ -310,7 +311,8 @@ def test_ia3_preset_trains_only_the_adapter(tmp_path):
     base = train.small_model(tiny(tmp_path), tok.n_words)
     llama.save(base, tmp_path / "base")
     tok.save(tmp_path / "base")
-    kw = {k: v for k, v in tiny(tmp_path).__dict__.items() if k not in train.MODEL_FIELDS and k != "lr"}
+    kw = {k: v for k, v in tiny(tmp_path).__dict__.items() if k not in train.MODEL_FIELDS and k != "lr"
+          and not k.startswith("canvas")}  # the paper's text has no canvas
     run = train.train(train.make_config("smollm2", **{**kw, "model_dir": str(tmp_path / "base"), "steps": 2}))
     ckpt = run / "checkpoints" / "step_000002"
     assert (ckpt / "adapter" / "adapter_config.json").is_file() and (ckpt / "target_adapter").is_dir()
@@ -381,7 +383,8 @@ def test_compact_online_run_plays_its_own_episodes_and_resumes_exactly(tmp_path)
     """--format compact --relabel-states --targets mc --online-every 2: the model plays 2 training maps at step 2
     (30 episodes each, the evaluation schedule), half of each later step's slices come from those episodes, and a run
     stopped at step 2 then resumed equals the straight run (the online pool is in the checkpoint)."""
-    kw = dict(format="compact", relabel_states=True, targets="mc", online_every=2, online_maps=2, steps=4)
+    kw = dict(format="compact", relabel_states=True, targets="mc", online_every=2, online_maps=2, steps=4,
+              canvas=False)
     straight = train.train(tiny(tmp_path / "a", **kw))
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     online = [r for r in rows if "online_greedy_success" in r]
@@ -406,7 +409,7 @@ def test_compact_online_run_plays_its_own_episodes_and_resumes_exactly(tmp_path)
 
 
 def test_aux_next_token_loss_reads_the_same_q_values_and_is_logged(tmp_path):
-    cfg = tiny(tmp_path, aux_lm=2.0, steps=6, lr=1e-2, warmup_steps=1)
+    cfg = tiny(tmp_path, aux_lm=2.0, steps=6, lr=1e-2, warmup_steps=1, canvas=False)  # one stage: one token set
     tok = train.small_tokenizer(cfg.format)
     fmt = dqn.TrajectoryFormat.for_tokenizer(tok)
     model = train.small_model(cfg, tok.n_words, tok.special_tokens)
@@ -462,32 +465,42 @@ def test_canvas_sets_sit_at_one_random_offset_each_and_held_out_at_the_origin(tm
 
 
 @pytest.mark.parametrize("first_stage, first_flags", [("ordinary", dict(canvas=False)),
-                                                      ("origin", dict(canvas=True, canvas_origin_share=1.0))])
-def test_canvas_from_step_equals_a_first_stage_run_resumed_with_canvas(tmp_path, first_stage, first_flags):
-    """--canvas-from-step k inside one run is the two-stage recipe: k steps on ordinary states (or, with
-    --canvas-first-stage origin, on canvas states at the origin), then --resume --canvas to the end. Same losses at
+                                                      ("origin", dict(canvas_origin_share=1.0, canvas_from=0.0))])
+def test_canvas_from_equals_a_first_stage_run_resumed_with_canvas(tmp_path, first_stage, first_flags):
+    """--canvas-from 0.5 of a 4-step run is the two-stage recipe: 2 steps on canvas states at the origin (or, with
+    --canvas-first-stage ordinary, on ordinary states), then --resume with canvas offsets to the end. Same losses at
     every step, bit-identical final weights; the held-out loss of the first stage is the first stage's format's."""
     def rows(run):
         return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    one = train.train(tiny(tmp_path, canvas=True, canvas_from_step=2, canvas_first_stage=first_stage,
-                           out=str(tmp_path / "one")))
+    one = train.train(tiny(tmp_path, canvas_from=0.5, canvas_first_stage=first_stage, out=str(tmp_path / "one")))
     first = tiny(tmp_path, steps=2, out=str(tmp_path / "two"), **first_flags)
     train.train(first)
-    two = train.train(dataclasses.replace(first, canvas=True, canvas_origin_share=0.0, resume=True, steps=4))
+    two = train.train(dataclasses.replace(first, canvas=True, canvas_origin_share=0.0, canvas_from=0.0, resume=True,
+                                          steps=4))
     assert [r["loss"] for r in rows(one) if "loss" in r] == [r["loss"] for r in rows(two) if "loss" in r]
     assert rows(one)[0]["heldout_loss"] == rows(two)[0]["heldout_loss"]  # step 0: the first stage's states
     final_one, final_two = weights(train.latest_checkpoint(one)), weights(train.latest_checkpoint(two))
     assert final_one.keys() == final_two.keys()
     assert all(torch.equal(final_one[k], final_two[k]) for k in final_one)
     assert train.load_policy(one)[3].canvas  # the policy reads canvas states, as it was last trained
-    with pytest.raises(ValueError, match="--canvas-from-step 2 starts a canvas stage: it needs --canvas"):
-        train.train(tiny(tmp_path, canvas_from_step=2))
-    with pytest.raises(ValueError, match="before --steps 4"):
-        train.train(tiny(tmp_path, canvas=True, canvas_from_step=4))
-    with pytest.raises(ValueError, match="--canvas-from-step with --online-every"):
-        train.train(tiny(tmp_path, canvas=True, canvas_from_step=2, online_every=2))
-    with pytest.raises(ValueError, match="--canvas-first-stage origin is the stage before --canvas-from-step"):
-        train.train(tiny(tmp_path, canvas=True, canvas_first_stage="origin"))
+
+
+def test_canvas_stage_starts_at_a_share_of_the_run(tmp_path):
+    cfg = train.make_config()  # the default: a curriculum, the last fifth of the run on canvas offsets
+    assert (cfg.canvas, cfg.canvas_from, cfg.canvas_first_stage) == (True, 0.8, "origin")
+    assert not train.make_config("smollm2").canvas  # the paper's text has no canvas
+    assert train.canvas_stage_start(cfg, 1250) == 1000
+    assert train.canvas_stage_start(cfg, 240) == 192
+    assert train.canvas_stage_start(cfg, 4) == 3
+    assert train.canvas_stage_start(cfg, 1) == 0  # one step: no room for a first stage, the step is a canvas step
+    assert train.canvas_stage_start(dataclasses.replace(cfg, canvas_from=0.0), 1250) == 0
+    assert train.canvas_stage_start(dataclasses.replace(cfg, canvas=False), 1250) == 0
+    with pytest.raises(ValueError, match="--canvas-from 1.0 is the share of the steps before the canvas stage"):
+        train.train(tiny(tmp_path, canvas_from=1.0))
+    with pytest.raises(ValueError, match="--online-every with a first stage"):
+        train.train(tiny(tmp_path, online_every=2))
+    train.check_config(tiny(tmp_path, online_every=2, canvas_from=0.0))  # canvas offsets from the start: can play
+    train.check_config(tiny(tmp_path, online_every=2, canvas=False))
 
 
 def test_novelty_bonus_reaches_the_td_loss(tmp_path):
