@@ -63,8 +63,11 @@ sequence, as the authors' code does (the paper does not mention it); the mean is
 all-zero targets (only failures) does not blow up. Padded action slots of a batch are masked out.
 `next_token_loss` is an auxiliary language-model loss on the trajectory (every token but the actions), our addition.
 `pack_slices(plan=...)` also records, at every action, the context planner's values of all four actions and which of
-them are one-hop facts (planner.py); `td_loss` then takes (B, P, 4) targets and a mask of the (slot, action) pairs to
-regress (train.py's `--targets optimistic` and `planner`).
+them are one-hop facts (planner.py), and the taken action's value along known moves only (`proven`, untried moves
+worth 0: the return of the shortest path to a goal the context shows, train.py's `--proven-floor`) and which moves
+are known to leave the state unchanged (`walls`, train.py's `--wall-targets`); `td_loss` then
+takes (B, P, 4) targets and a mask of the (slot, action) pairs to regress (train.py's `--targets optimistic` and
+`planner`).
 """
 import random
 import warnings
@@ -327,6 +330,7 @@ class Slice:
     planner_q: list[list[float]] = field(default_factory=list)  # the context planner's 4 Q-values (planner.py)
     settled: list[list[bool]] = field(default_factory=list)     # which of them are one-hop facts (untried or an end)
     proven: list[float] = field(default_factory=list)  # the taken action's value along known moves only (untried 0)
+    walls: list[list[bool]] = field(default_factory=list)  # which of the 4 moves are known to leave the state unchanged
     seen: set = field(default_factory=set, repr=False)     # states written in this slice so far
     lake: planner.ContextModel = field(default_factory=planner.ContextModel, repr=False)  # what the slice shows
 
@@ -351,6 +355,7 @@ def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[
             s.planner_q.append(s.lake.q(obs, *plan))
             s.settled.append(s.lake.settled(obs))
             s.proven.append(s.lake.q(obs, plan[0], 0.0)[a])
+            s.walls.append(s.lake.walls(obs))
             s.lake.learn(obs, a, nxt, t == n - 1 and not ep.truncated, r)
 
 
@@ -397,6 +402,7 @@ def collate(slices: list[Slice], pad_id: int) -> dict[str, torch.Tensor]:
            "to_go": torch.zeros(B, P, dtype=torch.long), "returns": torch.zeros(B, P),
            "novel": torch.zeros(B, P), "planner_q": torch.zeros(B, P, 4),
            "settled": torch.zeros(B, P, 4, dtype=torch.bool), "proven": torch.zeros(B, P),
+           "walls": torch.zeros(B, P, 4, dtype=torch.bool),
            "lm_mask": torch.zeros(B, T, dtype=torch.bool)}
     for b, s in enumerate(slices):
         n = len(s.actions)
@@ -409,6 +415,7 @@ def collate(slices: list[Slice], pad_id: int) -> dict[str, torch.Tensor]:
             out["planner_q"][b, :n] = torch.tensor(s.planner_q)
             out["settled"][b, :n] = torch.tensor(s.settled)
             out["proven"][b, :n] = torch.tensor(s.proven)
+            out["walls"][b, :n] = torch.tensor(s.walls)
         out["mask"][b, :n] = True
     return out
 

@@ -94,6 +94,11 @@ class ContextModel:
             out.append(untried if t is None else self.ends[t] if t in self.ends else gamma * values.get(t, untried))
         return out
 
+    def walls(self, s: int) -> list[bool]:
+        """[a is known to leave s unchanged (into the lake's edge)] for a in 0..3: never the best move on a
+        deterministic lake, since its value γ·V(s) is below V(s) whenever V(s) > 0."""
+        return [self.moves.get((s, a)) == s for a in range(4)]
+
     def settled(self, s: int) -> list[bool]:
         """[a is untried, or known to end the episode] for a in 0..3: the moves whose value is one lookup away
         (u, or the end's reward), not a path through the lake."""

@@ -25,20 +25,23 @@ Deliberate deviations from the paper (arXiv 2501.14176):
   already computes something; on random weights it cannot learn), lr 3e-3 with gradient clipping 1.0, a built-in
   vocabulary (bytes + merges for dqn.FORMAT_TEXTS + the Llama 3 special-token names + dqn.COMPACT_SPECIALS), RoPE
   base 500000 as in Llama 3.1 but without its long-context scaling (the contexts stay far below 8192 tokens).
-  By default it writes the compact format with hindsight recaps (dqn.CompactFormat), regresses the action taken on
-  its Monte-Carlo return and the other actions, where the context settles them in one lookup, on an optimistic
+  By default it writes the compact format with hindsight recaps (dqn.CompactFormat) and states as tiles of an 8x8
+  canvas (--canvas: row·8 + col on every map, so larger maps meet trained tokens; the first 80 % of the steps with
+  every set at the origin, the rest at random offsets, --canvas-from 0.8), regresses the action taken on its
+  Monte-Carlo return and the other actions, where the context settles them in one lookup, on an optimistic
   planner's values (--targets optimistic, planner.py: untried moves are worth exploring), and adds an auxiliary
   next-token loss on the trajectory (--aux-lm 30, dqn.next_token_loss) for 1250 steps: the best of what we measured
-  on the CPU (README, Results: greedy success 0.70-0.80 on held-out maps over seeds, Monte-Carlo targets alone
-  0.50-0.68, tabular Q-learning 0.49; the paper's text and targets on this model: 0.09).
-  `--format paper --targets dqn --lr 1e-3 --aux-lm 0` is the paper's recipe on the same model.
+  on the CPU (README, Results, 3 seeds: greedy success 0.71-0.85 in distribution, 0.37-0.47 on larger lakes;
+  without the canvas 0.70-0.80 / 0.11-0.18; Monte-Carlo targets alone 0.50-0.68 in distribution; tabular
+  Q-learning 0.49 / 0.21; the paper's text and targets on this model: 0.09).
+  `--no-canvas --format paper --targets dqn --lr 1e-3 --aux-lm 0` is the paper's recipe on the same model.
 - Optional online rounds (--online-every): the model's own episodes join the data (the paper's §4.6 proposal).
 - Optional --set-order chronological keeps the Q-learner's episode order inside a set (the paper shuffles).
 - Optional --targets mc (Monte-Carlo returns alone, the previous default) or planner (all four actions on the context
   planner's values, planner.py: did not learn); --learner rmax: the histories of R-max (model-based, optimistic)
-  instead of Q-learning; --novelty-bonus: an exploration bonus in the Monte-Carlo targets; --canvas: states as tiles
-  of an 8x8 canvas at random offsets, with --canvas-from-step as a second stage after ordinary states (README,
-  Results, for what each did).
+  instead of Q-learning; --novelty-bonus: an exploration bonus in the Monte-Carlo targets; --proven-floor: the taken
+  action's target raised to the return of the shortest path the context shows; --canvas-first-stage ordinary /
+  --canvas-from 0 / --canvas-origin-share: other canvas schedules (README, Results, for what each did).
 - Held-out TD loss is measured on data generated the same way on frozenlake.test_maps() (50 maps, disjoint from
   the training maps), not on a split of the training maps.
 - Slices inside one forward pass (`micro_batch` > 1) share one mean over their action positions; the paper's 10
@@ -158,6 +161,9 @@ class TrainConfig:
                           choices=("dqn", "mc", "optimistic", "planner"))
     untried_steps: int = option(8, "--targets planner / optimistic: an untried move is worth a goal this many steps "
                                 "away, γ^N (the planner's optimism; 8: it then explores until a goal is known)")
+    wall_targets: bool = option(False, "--targets optimistic: a move the context shows to leave the state unchanged "
+                                "(into the lake's edge) is regressed on 0, taken or not: on a deterministic lake it "
+                                "is never the best move (its value γ·V(s) is below V(s))")
     proven_floor: bool = option(False, "--targets mc / optimistic: the taken action's target is max(its Monte-Carlo "
                                 "return, the return of the shortest path to a goal that the context shows from "
                                 "where the action leads): both are returns the lake is known to give")
@@ -245,6 +251,8 @@ def check_config(cfg: TrainConfig):
     if cfg.canvas and cfg.canvas_from and cfg.online_every:
         raise ValueError("--online-every with a first stage (--canvas-from): the model would play in a format it is "
                          "not yet trained on; add --canvas-from 0 (canvas offsets from the start) or --no-canvas")
+    if cfg.wall_targets and cfg.targets != "optimistic":
+        raise ValueError("--wall-targets adds targets to the optimistic ones: use it with --targets optimistic")
     if cfg.proven_floor and cfg.targets not in ("mc", "optimistic"):
         raise ValueError("--proven-floor raises the Monte-Carlo targets: use it with --targets mc or optimistic")
     if cfg.novelty_bonus and cfg.targets not in ("mc", "optimistic"):
@@ -677,7 +685,10 @@ def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, a
         # the taken action keeps its return; the others are regressed where the planner's value is a one-hop fact
         taken = torch.nn.functional.one_hot(batch["actions"], 4).bool()                           # (B, P, 4)
         targets = torch.where(taken, targets[..., None], cfg.reward_scale * batch["planner_q"])    # (B, P, 4)
-        return dqn.td_loss(q_online, targets, batch, cfg.normalize_by_mean_target, taken | batch["settled"]), aux
+        regressed = taken | batch["settled"]
+        if cfg.wall_targets:  # y(s, a) = 0 for a known (s, a) -> s: dominated, whatever its episode's return
+            targets, regressed = targets.masked_fill(batch["walls"], 0.0), regressed | batch["walls"]
+        return dqn.td_loss(q_online, targets, batch, cfg.normalize_by_mean_target, regressed), aux
     with autocast(), torch.no_grad():
         q_target = dqn.q_values(target, batch["tokens"], batch["q_positions"], action_ids, target_adapter)
     targets = dqn.bellman_targets(q_online, q_target, batch, cfg.gamma, cfg.reward_scale)  # (B, P), no grad

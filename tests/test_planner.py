@@ -203,6 +203,35 @@ def test_optimistic_targets_by_hand(tmp_path):
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_wall_targets_value_a_known_bump_into_the_edge_at_0(tmp_path):
+    """--wall-targets: a move the context shows to leave the state unchanged is regressed on 0, taken or not (its
+    episode's return does not count), before it is known it is an untried move like any other. Two copies of one
+    success on a 2 x 2 lake: 0 →(up, the edge) 0 →(right) 1 →(down) 3, the goal."""
+    from test_train import tiny
+    cfg = tiny(tmp_path, targets="optimistic", wall_targets=True, untried_steps=3, canvas=False)
+    tok = train.small_tokenizer(cfg.format)
+    fmt = train.trajectory_format(cfg, tok)
+    model = train.small_model(cfg, tok.n_words, tok.special_tokens)
+    ep = Episode([0, 0, 1, 3], [UP, RIGHT, DOWN], [0.0, 0.0, 1.0])
+    batch = dqn.collate(dqn.pack_slices([[ep, ep]], fmt, 160, random.Random(0), train.planner_arguments(cfg)),
+                        fmt.eos[0])
+    ids = torch.tensor(fmt.action_ids)
+    q = dqn.q_values(model, batch["tokens"], batch["q_positions"], ids)
+    loss, _ = train.td_loss_on(batch, model, None, model, None, ids, cfg, contextlib.nullcontext)
+    u = 30 * 0.9 ** 3
+    y = [[(UP, 30 * 0.81), (LEFT, u), (RIGHT, u), (DOWN, u)],   # first episode, nothing known
+         [(RIGHT, 27.0), (UP, 0.0), (LEFT, u), (DOWN, u)],      # up at 0 now known to stay at 0
+         [(DOWN, 30.0), (LEFT, u), (RIGHT, u), (UP, u)],
+         [(UP, 0.0), (LEFT, u), (DOWN, u)],                     # taken, return 24.3, yet a known wall: 0
+         [(RIGHT, 27.0), (UP, 0.0), (LEFT, u), (DOWN, u)],      # right at 0 is a known path: no target but its own
+         [(DOWN, 30.0), (LEFT, u), (RIGHT, u), (UP, u)]]
+    expected = sum((q[0, p, a].item() - t) ** 2 for p, row in enumerate(y) for a, t in row) / sum(map(len, y))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert batch["walls"][0, :6, UP].tolist() == [False, True, False, True, True, False]
+    with pytest.raises(ValueError, match="--wall-targets adds targets to the optimistic ones"):
+        train.train(tiny(tmp_path, targets="mc", wall_targets=True))
+
+
 SUCCESS_FIRST = 0  # a shuffle seed of pack_slices that keeps the two episodes below in their order
 
 
