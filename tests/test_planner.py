@@ -4,6 +4,7 @@ the train.py wiring, and its policy under evaluate.py's schedule against the pap
 import contextlib
 import dataclasses
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from dqn import Episode
 
 G, U = 0.9, 0.9 ** 8
 LEFT, DOWN, RIGHT, UP = 0, 1, 2, 3
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_q_by_hand():
@@ -276,3 +278,18 @@ def test_planner_baseline_optimism_is_a_setting(tmp_path):
                                   planner_untried_steps=steps, out=str(tmp_path / str(steps)))
         scores[steps] = evaluate.evaluate(cfg)["ood"]["planner"]["last10"]
     assert scores[8] > scores[0] + 0.1 and scores[8] > 0.8
+
+
+def test_failure_modes_classifies_each_greedy_step_by_what_the_context_showed():
+    """benchmarks/failure_modes.py on a hand-made history of one 2 x 2 lake: 20 warm-up falls 0 →(down) 2 (a hole),
+    then a greedy episode that bumps up (untried: the first time) and falls down (a known hole), then one that bumps
+    up three times (a known edge now) until the step limit."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("failure_modes", ROOT / "benchmarks" / "failure_modes.py")
+    failure_modes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(failure_modes)
+    res = {"paths": [[[0, 2]] * 20 + [[0, 0, 2], [0, 0, 0, 0]]], "actions": [[[DOWN]] * 20 + [[UP, DOWN], [UP] * 3]],
+           "success": [[0.0] * 22], "truncated": [[False] * 21 + [True]]}
+    steps, ends = failure_modes.classify(res, 1)
+    assert steps[False] == {"untried": 1, "hole": 1, "edge": 3} and not steps[True]
+    assert ends[False] == {"hole (known)": 1, "loop": 1}

@@ -1,0 +1,63 @@
+"""Why greedy episodes fail: replays evaluate.py's schedule for a trained run and classifies every step of the greedy
+episodes 20-29 by what the context before it (all earlier episodes of the lake and the current one so far) shows
+about the move taken, with planner.ContextModel: untried, a known bump into the lake's edge (the state does not
+change), a known move onto the ice, a known hole or a known goal. Also how each episode ends: the goal, a hole
+(known or untried), or the step limit (a loop). Lakes are split by whether the warm-up (episodes 0-19) ever reached
+the goal. An analysis, not a benchmark; the README's Results quote its output.
+
+    python benchmarks/failure_modes.py --run runs/cpu --experiment ood
+"""
+import argparse
+import collections
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import evaluate  # noqa: E402
+import planner  # noqa: E402
+import train  # noqa: E402
+
+
+def classify(res, n_maps):
+    steps = {True: collections.Counter(), False: collections.Counter()}  # warm-up solved? -> kind -> greedy steps
+    ends = {True: collections.Counter(), False: collections.Counter()}
+    for r in range(n_maps):
+        lake, solved = planner.ContextModel(), any(res["success"][r][:20])
+        for k, (path, actions) in enumerate(zip(res["paths"][r], res["actions"][r])):
+            truncated, last_kind = res["truncated"][r][k], None
+            for t, a in enumerate(actions):
+                s, known = path[t], lake.moves.get((path[t], actions[t]))
+                last_kind = ("untried" if known is None else "edge" if known == s else
+                             ("goal" if lake.ends[known] > 0 else "hole") if known in lake.ends else "ice")
+                if k >= 20:
+                    steps[solved][last_kind] += 1
+                end = t == len(actions) - 1
+                lake.learn(s, a, path[t + 1], end and not truncated, res["success"][r][k] if end else 0.0)
+            if k >= 20:
+                outcome = "loop" if truncated else "goal" if res["success"][r][k] else "hole"
+                known = "known" if last_kind in ("goal", "hole") else last_kind  # the last move, as the context knew it
+                ends[solved][outcome if outcome == "loop" else f"{outcome} ({known})"] += 1
+    return steps, ends
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="train.py run dir")
+    p.add_argument("--experiment", default="id", choices=("id", "ood"))
+    args = p.parse_args(argv)
+    cfg = evaluate.EvalConfig(run=args.run, experiment=args.experiment)
+    model, adapter, _, fmt = train.load_policy(args.run)
+    maps, probs, _ = evaluate.experiment_setup(args.experiment, cfg)
+    res = evaluate.run_episodes(evaluate.ModelPolicy(model, fmt, adapter), maps, probs, seed=cfg.seed)
+    steps, ends = classify(res, len(maps))
+    print(f"| {args.run}, {args.experiment} | lakes | greedy steps: untried / edge / ice / hole / goal | episodes end |")
+    print("|---|---|---|---|")
+    for solved in (True, False):
+        n = sum(any(row[:20]) == solved for row in res["success"])
+        kinds = " / ".join(str(steps[solved][k]) for k in ("untried", "edge", "ice", "hole", "goal"))
+        endings = ", ".join(f"{k} {v}" for k, v in sorted(ends[solved].items()))
+        print(f"| warm-up {'solved' if solved else 'unsolved'} | {n} | {kinds} | {endings} |")
+
+
+if __name__ == "__main__":
+    main()
