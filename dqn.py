@@ -335,7 +335,7 @@ class Slice:
     lake: planner.ContextModel = field(default_factory=planner.ContextModel, repr=False)  # what the slice shows
 
 
-def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[int], plan=None):
+def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[int], plan=None, proven=False):
     offset, first, n = len(s.tokens), len(s.actions), len(ep.actions)
     s.tokens += tokens
     s.q_positions += [offset + p for p in q_positions]
@@ -354,16 +354,18 @@ def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[
         for t, (obs, a, nxt, r) in enumerate(zip(ep.observations, ep.actions, ep.observations[1:], ep.rewards)):
             s.planner_q.append(s.lake.q(obs, *plan))
             s.settled.append(s.lake.settled(obs))
-            s.proven.append(s.lake.q(obs, plan[0], 0.0)[a])
+            if proven:  # a second plan (untried worth 0): only when asked, it doubles the planning at start-up
+                s.proven.append(s.lake.q(obs, plan[0], 0.0)[a])
             s.walls.append(s.lake.walls(obs))
             s.lake.learn(obs, a, nxt, t == n - 1 and not ep.truncated, r)
 
 
 def pack_slices(episode_sets: list[list[Episode]], fmt: TrajectoryFormat, context_len: int,
-                rng: random.Random, plan: tuple[float, float] | None = None) -> list[Slice]:
+                rng: random.Random, plan: tuple[float, float] | None = None, proven: bool = False) -> list[Slice]:
     """Sets of episodes of one map each (in the caller's order) -> slices of at most context_len tokens.
     Episodes are shuffled within their set by rng and never split (cut rule in the module docstring).
-    plan = (γ, untried value): also the context planner's Q-values at every action (planner.py, Slice.planner_q)."""
+    plan = (γ, untried value): also the context planner's Q-values at every action (planner.py, Slice.planner_q);
+    proven (with plan): also the taken action's value along known moves only (Slice.proven)."""
     if context_len < 1:
         raise ValueError(f"context_len must be positive, got {context_len}")
     slices, current, dropped, lost = [], Slice(), 0, 0
@@ -380,7 +382,7 @@ def pack_slices(episode_sets: list[list[Episode]], fmt: TrajectoryFormat, contex
             if len(current.tokens) + len(tokens) > context_len:
                 slices.append(current)
                 current = Slice()
-            _append_episode(current, ep, tokens, q_positions, plan)
+            _append_episode(current, ep, tokens, q_positions, plan, proven)
     if current.tokens:
         slices.append(current)
     if dropped:
@@ -414,7 +416,8 @@ def collate(slices: list[Slice], pad_id: int) -> dict[str, torch.Tensor]:
         if s.planner_q:
             out["planner_q"][b, :n] = torch.tensor(s.planner_q)
             out["settled"][b, :n] = torch.tensor(s.settled)
-            out["proven"][b, :n] = torch.tensor(s.proven)
+            if s.proven:
+                out["proven"][b, :n] = torch.tensor(s.proven)
             out["walls"][b, :n] = torch.tensor(s.walls)
         out["mask"][b, :n] = True
     return out

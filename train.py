@@ -191,8 +191,8 @@ class TrainConfig:
     progress: bool = option(True, "show the tqdm progress bar")
 
 
-PAPER = dict(format="paper", canvas=False, targets="dqn", aux_lm=0.0, context_len=4096, slices_per_step=10, micro_batch=1, lr=1e-2,
-             warmup_steps=10, weight_decay=0.01, grad_clip=0.0, gamma=0.9, reward_scale=30.0, alpha=0.1, steps=0,
+PAPER = dict(format="paper", canvas=False, targets="dqn", aux_lm=0.0, context_len=4096, slices_per_step=10,
+             micro_batch=1, lr=1e-2, warmup_steps=10, weight_decay=0.01, grad_clip=0.0, gamma=0.9, reward_scale=30.0, alpha=0.1, steps=0,
              epochs=1.0,
              sets_per_map=58,  # 250 maps x 58 sets x ~2.7k tokens ≈ the paper's 39M tokens, ≈ 956 steps
              eval_every=50, eval_slices=20, save_every=100, heldout_sets_per_map=2)
@@ -723,8 +723,9 @@ def train(cfg: TrainConfig) -> Path:
         f, train_sets = trajectory_format(c, tokenizer), load_episode_sets(c, "train")
         if c.relabel_states:
             train_sets = relabel_states(train_sets, random.Random(f"{c.seed}/relabel"))
-        heldout = dqn.pack_slices(load_episode_sets(c, "heldout"), f, c.context_len, random.Random(c.seed), plan)
-        return (dqn.pack_slices(train_sets, f, c.context_len, random.Random(c.seed), plan),
+        heldout = dqn.pack_slices(load_episode_sets(c, "heldout"), f, c.context_len, random.Random(c.seed), plan,
+                                  c.proven_floor)
+        return (dqn.pack_slices(train_sets, f, c.context_len, random.Random(c.seed), plan, c.proven_floor),
                 heldout[:c.eval_slices][rank::world])
     slices, heldout = packed(cfg)
     total_steps = cfg.steps or max(1, int(cfg.epochs * len(slices) // cfg.slices_per_step))
@@ -777,7 +778,8 @@ def train(cfg: TrainConfig) -> Path:
 
     def pack_online():
         return [sl for s, sets in online_sets
-                for sl in dqn.pack_slices(sets, fmt, cfg.context_len, random.Random(f"{cfg.seed}/online{s}"), plan)]
+                for sl in dqn.pack_slices(sets, fmt, cfg.context_len, random.Random(f"{cfg.seed}/online{s}"), plan,
+                                          cfg.proven_floor)]
     online_pool = pack_online()
 
     def to_device(batch):

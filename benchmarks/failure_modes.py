@@ -18,15 +18,15 @@ import planner  # noqa: E402
 import train  # noqa: E402
 
 
-def classify(res, n_maps):
+def classify(res):
     steps = {True: collections.Counter(), False: collections.Counter()}  # warm-up solved? -> kind -> greedy steps
     ends = {True: collections.Counter(), False: collections.Counter()}
-    for r in range(n_maps):
+    for r in range(len(res["success"])):
         lake, solved = planner.ContextModel(), any(res["success"][r][:20])
         for k, (path, actions) in enumerate(zip(res["paths"][r], res["actions"][r])):
             truncated, last_kind = res["truncated"][r][k], None
             for t, a in enumerate(actions):
-                s, known = path[t], lake.moves.get((path[t], actions[t]))
+                s, known = path[t], lake.moves.get((path[t], a))
                 last_kind = ("untried" if known is None else "edge" if known == s else
                              ("goal" if lake.ends[known] > 0 else "hole") if known in lake.ends else "ice")
                 if k >= 20:
@@ -35,8 +35,8 @@ def classify(res, n_maps):
                 lake.learn(s, a, path[t + 1], end and not truncated, res["success"][r][k] if end else 0.0)
             if k >= 20:
                 outcome = "loop" if truncated else "goal" if res["success"][r][k] else "hole"
-                known = "known" if last_kind in ("goal", "hole") else last_kind  # the last move, as the context knew it
-                ends[solved][outcome if outcome == "loop" else f"{outcome} ({known})"] += 1
+                how = "known" if last_kind in ("goal", "hole") else last_kind  # the last move, as the context knew it
+                ends[solved][outcome if outcome == "loop" else f"{outcome} ({how})"] += 1
     return steps, ends
 
 
@@ -49,7 +49,7 @@ def main(argv=None):
     model, adapter, _, fmt = train.load_policy(args.run)
     maps, probs, _ = evaluate.experiment_setup(args.experiment, cfg)
     res = evaluate.run_episodes(evaluate.ModelPolicy(model, fmt, adapter), maps, probs, seed=cfg.seed)
-    steps, ends = classify(res, len(maps))
+    steps, ends = classify(res)
     print(f"| {args.run}, {args.experiment} | lakes | greedy steps: untried / edge / ice / hole / goal | episodes end |")
     print("|---|---|---|---|")
     for solved in (True, False):

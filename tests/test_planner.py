@@ -247,9 +247,10 @@ def test_proven_floor_raises_the_return_to_the_known_path(tmp_path):
     fmt = train.trajectory_format(cfg, tok)
     model = train.small_model(cfg, tok.n_words, tok.special_tokens)
     eps = [Episode([0, 1, 3], [RIGHT, DOWN], [0.0, 1.0]), Episode([0, 1, 0], [RIGHT, LEFT], [0.0, 0.0], truncated=True)]
-    batch = dqn.collate(dqn.pack_slices([eps], fmt, 160, random.Random(SUCCESS_FIRST), train.planner_arguments(cfg)),
-                        fmt.eos[0])
+    batch = dqn.collate(dqn.pack_slices([eps], fmt, 160, random.Random(SUCCESS_FIRST), train.planner_arguments(cfg),
+                                        proven=True), fmt.eos[0])
     assert batch["actions"][0, :4].tolist() == [RIGHT, DOWN, RIGHT, LEFT]  # the shuffle put the success first
+    assert dqn.pack_slices([eps], fmt, 160, random.Random(0), train.planner_arguments(cfg))[0].proven == []  # if asked
     # before each step: nothing known, the goal entry not yet seen, the known path 1 → 3, back to 0 (no path known)
     assert batch["proven"][0, :4].tolist() == pytest.approx([0.0, 0.0, 0.9, 0.0])
     mc = dqn.monte_carlo_targets(batch, 0.9, 30.0)
@@ -290,6 +291,6 @@ def test_failure_modes_classifies_each_greedy_step_by_what_the_context_showed():
     spec.loader.exec_module(failure_modes)
     res = {"paths": [[[0, 2]] * 20 + [[0, 0, 2], [0, 0, 0, 0]]], "actions": [[[DOWN]] * 20 + [[UP, DOWN], [UP] * 3]],
            "success": [[0.0] * 22], "truncated": [[False] * 21 + [True]]}
-    steps, ends = failure_modes.classify(res, 1)
+    steps, ends = failure_modes.classify(res)
     assert steps[False] == {"untried": 1, "hole": 1, "edge": 3} and not steps[True]
     assert ends[False] == {"hole (known)": 1, "loop": 1}
