@@ -335,7 +335,8 @@ class Slice:
     lake: planner.ContextModel = field(default_factory=planner.ContextModel, repr=False)  # what the slice shows
 
 
-def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[int], plan=None, proven=False):
+def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[int], plan=None, proven=False,
+                    hops=0):
     offset, first, n = len(s.tokens), len(s.actions), len(ep.actions)
     s.tokens += tokens
     s.q_positions += [offset + p for p in q_positions]
@@ -353,7 +354,7 @@ def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[
     if plan is not None:  # Q(h_t, ·) from the slice's context before step t, then step t joins it
         for t, (obs, a, nxt, r) in enumerate(zip(ep.observations, ep.actions, ep.observations[1:], ep.rewards)):
             s.planner_q.append(s.lake.q(obs, *plan))
-            s.settled.append(s.lake.settled(obs))
+            s.settled.append(s.lake.settled(obs, hops))
             if proven:  # a second plan (untried worth 0): only when asked, it doubles the planning at start-up
                 s.proven.append(s.lake.q(obs, plan[0], 0.0)[a])
             s.walls.append(s.lake.walls(obs))
@@ -361,11 +362,13 @@ def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[
 
 
 def pack_slices(episode_sets: list[list[Episode]], fmt: TrajectoryFormat, context_len: int,
-                rng: random.Random, plan: tuple[float, float] | None = None, proven: bool = False) -> list[Slice]:
+                rng: random.Random, plan: tuple[float, float] | None = None, proven: bool = False,
+                hops: int = 0) -> list[Slice]:
     """Sets of episodes of one map each (in the caller's order) -> slices of at most context_len tokens.
     Episodes are shuffled within their set by rng and never split (cut rule in the module docstring).
     plan = (γ, untried value): also the context planner's Q-values at every action (planner.py, Slice.planner_q);
-    proven (with plan): also the taken action's value along known moves only (Slice.proven)."""
+    proven (with plan): also the taken action's value along known moves only (Slice.proven);
+    hops (with plan): Slice.settled also marks known moves within that many hops of an exit (ContextModel.settled)."""
     if context_len < 1:
         raise ValueError(f"context_len must be positive, got {context_len}")
     slices, current, dropped, lost = [], Slice(), 0, 0
@@ -382,7 +385,7 @@ def pack_slices(episode_sets: list[list[Episode]], fmt: TrajectoryFormat, contex
             if len(current.tokens) + len(tokens) > context_len:
                 slices.append(current)
                 current = Slice()
-            _append_episode(current, ep, tokens, q_positions, plan, proven)
+            _append_episode(current, ep, tokens, q_positions, plan, proven, hops)
     if current.tokens:
         slices.append(current)
     if dropped:

@@ -45,7 +45,7 @@ class ContextModel:
     """The lake as the context describes it so far; `q` plans on it (values cached until the next new fact)."""
     moves: dict = field(default_factory=dict)  # (s, a) -> s', the latest outcome written in the context
     ends: dict = field(default_factory=dict)   # s -> reward of an episode that terminated on entering s
-    _plans: dict = field(default_factory=dict, repr=False)  # (γ, untried) -> V since the last new fact
+    _plans: dict = field(default_factory=dict, repr=False)  # (γ, untried) -> V, "exits" -> hops, until a new fact
 
     def learn(self, s: int, a: int, s_next: int, terminated: bool, reward: float):
         changed = self.moves.get((s, a)) != s_next or s in self.ends or (s_next in self.ends) != terminated
@@ -68,12 +68,7 @@ class ContextModel:
 
     def values(self, gamma: float, untried: float) -> dict:
         """V(s) for every state the context names (others: all moves untried, V = untried)."""
-        states = {s for s, _ in self.moves} | set(self.moves.values())
-        into = collections.defaultdict(list)  # s' -> states with a known non-terminal move to it
-        for (s, a), t in self.moves.items():
-            if t not in self.ends and t != s:
-                into[t].append(s)
-        tried = collections.Counter(s for s, _ in self.moves)
+        into, tried, states = self._graph()
         d_goal = _hops_to(into, {s for (s, _), t in self.moves.items() if self.ends.get(t, 0) > 0})
         d_untried = _hops_to(into, {s for s in states if tried[s] < 4 and s not in self.ends})
         values = {}
@@ -99,10 +94,31 @@ class ContextModel:
         deterministic lake, since its value γ·V(s) is below V(s) whenever V(s) > 0."""
         return [self.moves.get((s, a)) == s for a in range(4)]
 
-    def settled(self, s: int) -> list[bool]:
+    def settled(self, s: int, hops: int = 0) -> list[bool]:
         """[a is untried, or known to end the episode] for a in 0..3: the moves whose value is one lookup away
-        (u, or the end's reward), not a path through the lake."""
-        return [(s, a) not in self.moves or self.moves[s, a] in self.ends for a in range(4)]
+        (u, or the end's reward), not a path through the lake; with hops = H > 0 also a known move off s to a state
+        within H - 1 further known moves of an exit (a goal-entering or an untried move): a path of at most H hops."""
+        reach = self.exits() if hops else {}
+        return [(s, a) not in self.moves or self.moves[s, a] in self.ends
+                or (self.moves[s, a] != s and reach.get(self.moves[s, a], hops) < hops) for a in range(4)]
+
+    def exits(self) -> dict:
+        """Fewest known non-terminal moves from each state to one with an exit (a goal-entering or an untried
+        move), cached like the plans."""
+        if "exits" not in self._plans:
+            into, tried, states = self._graph()
+            sources = {s for (s, _), t in self.moves.items() if self.ends.get(t, 0) > 0}
+            self._plans["exits"] = _hops_to(into, sources | {s for s in states if tried[s] < 4 and s not in self.ends})
+        return self._plans["exits"]
+
+    def _graph(self):
+        """(s' -> states with a known non-terminal, non-wall move to it; moves tried per state; states named)."""
+        into = collections.defaultdict(list)
+        for (s, a), t in self.moves.items():
+            if t not in self.ends and t != s:
+                into[t].append(s)
+        states = {s for s, _ in self.moves} | set(self.moves.values())
+        return into, collections.Counter(s for s, _ in self.moves), states
 
 
 def _hops_to(into: dict, sources: set) -> dict:

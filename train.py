@@ -164,6 +164,9 @@ class TrainConfig:
     wall_targets: bool = option(False, "--targets optimistic: a move the context shows to leave the state unchanged "
                                 "(into the lake's edge) is regressed on 0, taken or not: on a deterministic lake it "
                                 "is never the best move (its value γ·V(s) is below V(s))")
+    settled_hops: int = option(0, "--targets optimistic: the other actions are also regressed on the planner's value "
+                                "where it is a path of at most this many known moves to an exit (a goal-entering or "
+                                "an untried move; 0: one-hop facts only, untried or known to end the episode)")
     proven_floor: bool = option(False, "--targets mc / optimistic: the taken action's target is max(its Monte-Carlo "
                                 "return, the return of the shortest path to a goal that the context shows from "
                                 "where the action leads): both are returns the lake is known to give")
@@ -253,6 +256,10 @@ def check_config(cfg: TrainConfig):
                          "not yet trained on; add --canvas-from 0 (canvas offsets from the start) or --no-canvas")
     if cfg.wall_targets and cfg.targets != "optimistic":
         raise ValueError("--wall-targets adds targets to the optimistic ones: use it with --targets optimistic")
+    if cfg.settled_hops and cfg.targets != "optimistic":
+        raise ValueError("--settled-hops widens the optimistic targets: use it with --targets optimistic")
+    if cfg.settled_hops < 0:
+        raise ValueError(f"--settled-hops is a number of known moves (0: one-hop facts only), got {cfg.settled_hops}")
     if cfg.proven_floor and cfg.targets not in ("mc", "optimistic"):
         raise ValueError("--proven-floor raises the Monte-Carlo targets: use it with --targets mc or optimistic")
     if cfg.novelty_bonus and cfg.targets not in ("mc", "optimistic"):
@@ -683,6 +690,7 @@ def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, a
         if cfg.targets == "mc":
             return dqn.td_loss(q_online, targets, batch, cfg.normalize_by_mean_target), aux
         # the taken action keeps its return; the others are regressed where the planner's value is a one-hop fact
+        # (or, with --settled-hops H, a known path of at most H moves to an exit)
         taken = torch.nn.functional.one_hot(batch["actions"], 4).bool()                           # (B, P, 4)
         targets = torch.where(taken, targets[..., None], cfg.reward_scale * batch["planner_q"])    # (B, P, 4)
         regressed = taken | batch["settled"]
@@ -724,8 +732,9 @@ def train(cfg: TrainConfig) -> Path:
         if c.relabel_states:
             train_sets = relabel_states(train_sets, random.Random(f"{c.seed}/relabel"))
         heldout = dqn.pack_slices(load_episode_sets(c, "heldout"), f, c.context_len, random.Random(c.seed), plan,
-                                  c.proven_floor)
-        return (dqn.pack_slices(train_sets, f, c.context_len, random.Random(c.seed), plan, c.proven_floor),
+                                  c.proven_floor, c.settled_hops)
+        return (dqn.pack_slices(train_sets, f, c.context_len, random.Random(c.seed), plan, c.proven_floor,
+                                c.settled_hops),
                 heldout[:c.eval_slices][rank::world])
     slices, heldout = packed(cfg)
     total_steps = cfg.steps or max(1, int(cfg.epochs * len(slices) // cfg.slices_per_step))
@@ -779,7 +788,7 @@ def train(cfg: TrainConfig) -> Path:
     def pack_online():
         return [sl for s, sets in online_sets
                 for sl in dqn.pack_slices(sets, fmt, cfg.context_len, random.Random(f"{cfg.seed}/online{s}"), plan,
-                                          cfg.proven_floor)]
+                                          cfg.proven_floor, cfg.settled_hops)]
     online_pool = pack_online()
 
     def to_device(batch):

@@ -176,6 +176,54 @@ def test_settled_moves_by_hand():
     assert lake.settled(1) == [False, True, True, True]
 
 
+def test_settled_hops_by_hand():
+    """settled(s, hops=H): also a known move to a state within H - 1 known moves of an exit (a goal-entering or an
+    untried move). A 1 x 4 corridor 0 1 2 3 (goal 3) where every move at 0 and 1 has been tried: up and down bump
+    into the edge, so 2 is the only state with an exit (its goal move; its other moves are untried)."""
+    lake = planner.ContextModel()
+    lake.learn_episode(Episode([0, 0, 0, 0, 1, 1, 1, 0, 1, 2, 3],
+                               [UP, DOWN, LEFT, RIGHT, UP, DOWN, LEFT, RIGHT, RIGHT, RIGHT], [0.0] * 9 + [1.0]))
+    assert lake.exits() == {2: 0, 1: 1, 0: 2}
+    assert lake.settled(0) == lake.settled(0, hops=1) == [False] * 4  # right leads to 1, itself one move from 2
+    assert lake.settled(0, hops=2) == [False, False, True, False]      # ... within 2 hops; the walls never
+    assert lake.settled(1, hops=1) == [False, False, True, False]
+    assert lake.settled(1, hops=3) == [True, False, True, False]       # left: back to 0, 2 hops from an exit
+    assert lake.q(1, G, U)[LEFT] == pytest.approx(G * G * G)           # what such a move is regressed on: γ · V(0)
+    assert lake.settled(2, hops=5) == [True, True, True, True]         # 2 itself: untried moves and the goal
+
+
+@pytest.mark.filterwarnings("ignore:pack_slices dropped")
+def test_settled_hops_targets_by_hand(tmp_path):
+    """--settled-hops 1: a success 0 →(right) 1 →(down) 3 (the goal) then a fall 0 →(down) 2 on a 2 x 2 lake. At the
+    fall's start, right at 0 is a known move to 1, which has a goal-entering move: regressed on 30 · γ · V(1) = 27,
+    where the one-hop optimistic targets leave it out."""
+    from test_train import tiny
+    cfg = tiny(tmp_path, targets="optimistic", settled_hops=1, untried_steps=2, canvas=False)
+    tok = train.small_tokenizer(cfg.format)
+    fmt = train.trajectory_format(cfg, tok)
+    model = train.small_model(cfg, tok.n_words, tok.special_tokens)
+    eps = [Episode([0, 1, 3], [RIGHT, DOWN], [0.0, 1.0]), Episode([0, 2], [DOWN], [0.0])]
+    batch = dqn.collate(dqn.pack_slices([eps], fmt, 160, random.Random(0), train.planner_arguments(cfg),
+                                        hops=cfg.settled_hops), fmt.eos[0])
+    assert batch["actions"][0, :3].tolist() == [RIGHT, DOWN, DOWN]  # the shuffle kept the success first
+    ids = torch.tensor(fmt.action_ids)
+    q = dqn.q_values(model, batch["tokens"], batch["q_positions"], ids)
+    loss, _ = train.td_loss_on(batch, model, None, model, None, ids, cfg, contextlib.nullcontext)
+    u = 30 * 0.9 ** 2
+    y = [[(RIGHT, 27.0), (LEFT, u), (DOWN, u), (UP, u)],
+         [(DOWN, 30.0), (LEFT, u), (RIGHT, u), (UP, u)],
+         [(DOWN, 0.0), (LEFT, u), (UP, u), (RIGHT, 27.0)]]  # the last: one hop from the goal's move
+    expected = sum((q[0, p, a].item() - t) ** 2 for p, row in enumerate(y) for a, t in row) / sum(map(len, y))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    one_hop = dqn.collate(dqn.pack_slices([eps], fmt, 160, random.Random(0), train.planner_arguments(cfg)),
+                          fmt.eos[0])
+    assert one_hop["settled"][0, 2].tolist() == [True, True, False, True]  # without hops: right has no target
+    with pytest.raises(ValueError, match="--settled-hops widens the optimistic targets"):
+        train.train(tiny(tmp_path, targets="mc", settled_hops=1))
+    with pytest.raises(ValueError, match="--settled-hops is a number of known moves"):
+        train.train(tiny(tmp_path, targets="optimistic", settled_hops=-1))
+
+
 @pytest.mark.filterwarnings("ignore:pack_slices dropped")
 def test_optimistic_targets_by_hand(tmp_path):
     """--targets optimistic: the taken action regresses on its Monte-Carlo return, each other action only where the
