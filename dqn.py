@@ -329,6 +329,7 @@ class Slice:
     novel: list[bool] = field(default_factory=list)        # the action reached a state not yet in this slice
     planner_q: list[list[float]] = field(default_factory=list)  # the context planner's 4 Q-values (planner.py)
     settled: list[list[bool]] = field(default_factory=list)     # which of them are one-hop facts (untried or an end)
+    hopped: list[list[bool]] = field(default_factory=list)      # which are settled only by a path of <= hops moves
     proven: list[float] = field(default_factory=list)  # the taken action's value along known moves only (untried 0)
     walls: list[list[bool]] = field(default_factory=list)  # which of the 4 moves are known to leave the state unchanged
     seen: set = field(default_factory=set, repr=False)     # states written in this slice so far
@@ -354,7 +355,9 @@ def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[
     if plan is not None:  # Q(h_t, ·) from the slice's context before step t, then step t joins it
         for t, (obs, a, nxt, r) in enumerate(zip(ep.observations, ep.actions, ep.observations[1:], ep.rewards)):
             s.planner_q.append(s.lake.q(obs, *plan))
-            s.settled.append(s.lake.settled(obs, hops))
+            one_hop = s.lake.settled(obs)
+            s.settled.append(s.lake.settled(obs, hops) if hops else one_hop)
+            s.hopped.append([h and not o for h, o in zip(s.settled[-1], one_hop)])
             if proven:  # a second plan (untried worth 0): only when asked, it doubles the planning at start-up
                 s.proven.append(s.lake.q(obs, plan[0], 0.0)[a])
             s.walls.append(s.lake.walls(obs))
@@ -406,7 +409,8 @@ def collate(slices: list[Slice], pad_id: int) -> dict[str, torch.Tensor]:
            "next_index": torch.full((B, P), -1, dtype=torch.long), "mask": torch.zeros(B, P, dtype=torch.bool),
            "to_go": torch.zeros(B, P, dtype=torch.long), "returns": torch.zeros(B, P),
            "novel": torch.zeros(B, P), "planner_q": torch.zeros(B, P, 4),
-           "settled": torch.zeros(B, P, 4, dtype=torch.bool), "proven": torch.zeros(B, P),
+           "settled": torch.zeros(B, P, 4, dtype=torch.bool), "hopped": torch.zeros(B, P, 4, dtype=torch.bool),
+           "proven": torch.zeros(B, P),
            "walls": torch.zeros(B, P, 4, dtype=torch.bool),
            "lm_mask": torch.zeros(B, T, dtype=torch.bool)}
     for b, s in enumerate(slices):
@@ -419,6 +423,7 @@ def collate(slices: list[Slice], pad_id: int) -> dict[str, torch.Tensor]:
         if s.planner_q:
             out["planner_q"][b, :n] = torch.tensor(s.planner_q)
             out["settled"][b, :n] = torch.tensor(s.settled)
+            out["hopped"][b, :n] = torch.tensor(s.hopped)
             if s.proven:
                 out["proven"][b, :n] = torch.tensor(s.proven)
             out["walls"][b, :n] = torch.tensor(s.walls)

@@ -167,6 +167,9 @@ class TrainConfig:
     settled_hops: int = option(0, "--targets optimistic: the other actions are also regressed on the planner's value "
                                 "where it is a path of at most this many known moves to an exit (a goal-entering or "
                                 "an untried move; 0: one-hop facts only, untried or known to end the episode)")
+    settled_taken: bool = option(False, "with --settled-hops: the taken action too is regressed on the planner's "
+                                 "value where it is such a known path, instead of its Monte-Carlo return (which "
+                                 "also counts what the data's learner did next)")
     proven_floor: bool = option(False, "--targets mc / optimistic: the taken action's target is max(its Monte-Carlo "
                                 "return, the return of the shortest path to a goal that the context shows from "
                                 "where the action leads): both are returns the lake is known to give")
@@ -258,6 +261,8 @@ def check_config(cfg: TrainConfig):
         raise ValueError("--wall-targets adds targets to the optimistic ones: use it with --targets optimistic")
     if cfg.settled_hops and cfg.targets != "optimistic":
         raise ValueError("--settled-hops widens the optimistic targets: use it with --targets optimistic")
+    if cfg.settled_taken and not cfg.settled_hops:
+        raise ValueError("--settled-taken regresses the taken action on the --settled-hops paths: give --settled-hops")
     if cfg.settled_hops < 0:
         raise ValueError(f"--settled-hops is a number of known moves (0: one-hop facts only), got {cfg.settled_hops}")
     if cfg.proven_floor and cfg.targets not in ("mc", "optimistic"):
@@ -694,6 +699,8 @@ def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, a
         taken = torch.nn.functional.one_hot(batch["actions"], 4).bool()                           # (B, P, 4)
         targets = torch.where(taken, targets[..., None], cfg.reward_scale * batch["planner_q"])    # (B, P, 4)
         regressed = taken | batch["settled"]
+        if cfg.settled_taken:  # y = R·γ·V(s') for a taken known move within --settled-hops of an exit, not G_t
+            targets = torch.where(taken & batch["hopped"], cfg.reward_scale * batch["planner_q"], targets)
         if cfg.wall_targets:  # y(s, a) = 0 for a known (s, a) -> s: dominated, whatever its episode's return
             targets, regressed = targets.masked_fill(batch["walls"], 0.0), regressed | batch["walls"]
         return dqn.td_loss(q_online, targets, batch, cfg.normalize_by_mean_target, regressed), aux

@@ -225,6 +225,35 @@ def test_settled_hops_targets_by_hand(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:pack_slices dropped")
+def test_settled_taken_regresses_a_known_path_on_its_value(tmp_path):
+    """--settled-hops 1 --settled-taken: a success 0 → 1 → 3 then an episode that turns back and is truncated. Its
+    first move (right, into 1, which has the goal's move) is known: regressed on 30·γ·V(1) = 27, not on its return 0;
+    its turn back left is untried: its return (0), as always; the success's own moves were untried too."""
+    from test_train import tiny
+    cfg = tiny(tmp_path, targets="optimistic", settled_hops=1, settled_taken=True, untried_steps=2, canvas=False)
+    tok = train.small_tokenizer(cfg.format)
+    fmt = train.trajectory_format(cfg, tok)
+    model = train.small_model(cfg, tok.n_words, tok.special_tokens)
+    eps = [Episode([0, 1, 3], [RIGHT, DOWN], [0.0, 1.0]), Episode([0, 1, 0], [RIGHT, LEFT], [0.0, 0.0], truncated=True)]
+    batch = dqn.collate(dqn.pack_slices([eps], fmt, 160, random.Random(0), train.planner_arguments(cfg),
+                                        hops=cfg.settled_hops), fmt.eos[0])
+    assert batch["actions"][0, :4].tolist() == [RIGHT, DOWN, RIGHT, LEFT]  # the shuffle kept the success first
+    assert batch["hopped"][0, :4].tolist() == [[False] * 4, [False] * 4, [False, False, True, False], [False] * 4]
+    ids = torch.tensor(fmt.action_ids)
+    q = dqn.q_values(model, batch["tokens"], batch["q_positions"], ids)
+    loss, _ = train.td_loss_on(batch, model, None, model, None, ids, cfg, contextlib.nullcontext)
+    u = 30 * 0.9 ** 2
+    y = [[(RIGHT, 27.0), (LEFT, u), (DOWN, u), (UP, u)],
+         [(DOWN, 30.0), (LEFT, u), (RIGHT, u), (UP, u)],
+         [(RIGHT, 27.0), (LEFT, u), (DOWN, u), (UP, u)],    # taken, return 0: the known path's value instead
+         [(LEFT, 0.0), (DOWN, 30.0), (RIGHT, u), (UP, u)]]  # taken untried: its return
+    expected = sum((q[0, p, a].item() - t) ** 2 for p, row in enumerate(y) for a, t in row) / sum(map(len, y))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="--settled-taken regresses the taken action"):
+        train.train(tiny(tmp_path, targets="optimistic", settled_taken=True))
+
+
+@pytest.mark.filterwarnings("ignore:pack_slices dropped")
 def test_optimistic_targets_by_hand(tmp_path):
     """--targets optimistic: the taken action regresses on its Monte-Carlo return, each other action only where the
     planner's value is one lookup away (untried: 30·γ^K; known hole: 0), never on a multi-hop path value."""
