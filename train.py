@@ -128,7 +128,7 @@ class TrainConfig:
                      choices=("paper", "compact"))
     canvas: bool = option(True, "compact format: write tile (row, col) as state row·8 + col (dqn.to_canvas), each "
                           "training set at a random offset on the 8x8 canvas, so larger maps meet learned tokens")
-    canvas_from: float = option(0.8, "with --canvas: this share of the run's steps trains on --canvas-first-stage's "
+    canvas_from: float = option(0.6, "with --canvas: this share of the run's steps trains on --canvas-first-stage's "
                                 "states, the rest on canvas states at random offsets, a second stage inside one run "
                                 "(0: canvas offsets from the start)")
     canvas_first_stage: str = option("origin", "with --canvas-from > 0, the states of the first stage: canvas tiles "
@@ -161,15 +161,16 @@ class TrainConfig:
                           choices=("dqn", "mc", "optimistic", "planner"))
     untried_steps: int = option(8, "--targets planner / optimistic: an untried move is worth a goal this many steps "
                                 "away, γ^N (the planner's optimism; 8: it then explores until a goal is known)")
-    wall_targets: bool = option(False, "--targets optimistic: a move the context shows to leave the state unchanged "
-                                "(into the lake's edge) is regressed on 0, taken or not: on a deterministic lake it "
-                                "is never the best move (its value γ·V(s) is below V(s))")
-    settled_hops: int = option(0, "--targets optimistic: the other actions are also regressed on the planner's value "
-                                "where it is a path of at most this many known moves to an exit (a goal-entering or "
-                                "an untried move; 0: one-hop facts only, untried or known to end the episode)")
-    settled_taken: bool = option(False, "with --settled-hops: the taken action too is regressed on the planner's "
-                                 "value where it is such a known path, instead of its Monte-Carlo return (which "
-                                 "also counts what the data's learner did next)")
+    wall_targets: bool = option(True, "--targets optimistic (ignored by the others): a move the context shows to "
+                                "leave the state unchanged (into the lake's edge) is regressed on 0, taken or not: on "
+                                "a deterministic lake it is never the best move (its value γ·V(s) is below V(s))")
+    settled_hops: int = option(1, "--targets optimistic (ignored by the others): the other actions are also regressed "
+                               "on the planner's value where it is a path of at most this many known moves to an exit "
+                               "(a goal-entering or an untried move; 0: one-hop facts only, untried or known to end "
+                               "the episode)")
+    settled_taken: bool = option(True, "--targets optimistic with --settled-hops > 0: the taken action too is "
+                                 "regressed on the planner's value where it is such a known path, instead of its "
+                                 "Monte-Carlo return (which also counts what the data's learner did next)")
     proven_floor: bool = option(False, "--targets mc / optimistic: the taken action's target is max(its Monte-Carlo "
                                 "return, the return of the shortest path to a goal that the context shows from "
                                 "where the action leads): both are returns the lake is known to give")
@@ -197,7 +198,8 @@ class TrainConfig:
     progress: bool = option(True, "show the tqdm progress bar")
 
 
-PAPER = dict(format="paper", canvas=False, targets="dqn", aux_lm=0.0, context_len=4096, slices_per_step=10,
+PAPER = dict(format="paper", canvas=False, targets="dqn", wall_targets=False, settled_hops=0, settled_taken=False,
+             aux_lm=0.0, context_len=4096, slices_per_step=10,
              micro_batch=1, lr=1e-2, warmup_steps=10, weight_decay=0.01, grad_clip=0.0, gamma=0.9, reward_scale=30.0, alpha=0.1, steps=0,
              epochs=1.0,
              sets_per_map=58,  # 250 maps x 58 sets x ~2.7k tokens ≈ the paper's 39M tokens, ≈ 956 steps
@@ -257,12 +259,6 @@ def check_config(cfg: TrainConfig):
     if cfg.canvas and cfg.canvas_from and cfg.online_every:
         raise ValueError("--online-every with a first stage (--canvas-from): the model would play in a format it is "
                          "not yet trained on; add --canvas-from 0 (canvas offsets from the start) or --no-canvas")
-    if cfg.wall_targets and cfg.targets != "optimistic":
-        raise ValueError("--wall-targets adds targets to the optimistic ones: use it with --targets optimistic")
-    if cfg.settled_hops and cfg.targets != "optimistic":
-        raise ValueError("--settled-hops widens the optimistic targets: use it with --targets optimistic")
-    if cfg.settled_taken and not cfg.settled_hops:
-        raise ValueError("--settled-taken regresses the taken action on the --settled-hops paths: give --settled-hops")
     if cfg.settled_hops < 0:
         raise ValueError(f"--settled-hops is a number of known moves (0: one-hop facts only), got {cfg.settled_hops}")
     if cfg.proven_floor and cfg.targets not in ("mc", "optimistic"):

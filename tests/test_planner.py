@@ -198,7 +198,8 @@ def test_settled_hops_targets_by_hand(tmp_path):
     fall's start, right at 0 is a known move to 1, which has a goal-entering move: regressed on 30 · γ · V(1) = 27,
     where the one-hop optimistic targets leave it out."""
     from test_train import tiny
-    cfg = tiny(tmp_path, targets="optimistic", settled_hops=1, untried_steps=2, canvas=False)
+    cfg = tiny(tmp_path, targets="optimistic", settled_hops=1, settled_taken=False, wall_targets=False, untried_steps=2,
+               canvas=False)
     tok = train.small_tokenizer(cfg.format)
     fmt = train.trajectory_format(cfg, tok)
     model = train.small_model(cfg, tok.n_words, tok.special_tokens)
@@ -218,8 +219,9 @@ def test_settled_hops_targets_by_hand(tmp_path):
     one_hop = dqn.collate(dqn.pack_slices([eps], fmt, 160, random.Random(0), train.planner_arguments(cfg)),
                           fmt.eos[0])
     assert one_hop["settled"][0, 2].tolist() == [True, True, False, True]  # without hops: right has no target
-    with pytest.raises(ValueError, match="--settled-hops widens the optimistic targets"):
-        train.train(tiny(tmp_path, targets="mc", settled_hops=1))
+    mc = dataclasses.replace(cfg, targets="mc")  # the other targets ignore the hops
+    mc_loss, _ = train.td_loss_on(batch, model, None, model, None, ids, mc, contextlib.nullcontext)
+    torch.testing.assert_close(mc_loss, dqn.td_loss(q, dqn.monte_carlo_targets(batch, 0.9, 30.0), batch))
     with pytest.raises(ValueError, match="--settled-hops is a number of known moves"):
         train.train(tiny(tmp_path, targets="optimistic", settled_hops=-1))
 
@@ -230,7 +232,8 @@ def test_settled_taken_regresses_a_known_path_on_its_value(tmp_path):
     first move (right, into 1, which has the goal's move) is known: regressed on 30·γ·V(1) = 27, not on its return 0;
     its turn back left is untried: its return (0), as always; the success's own moves were untried too."""
     from test_train import tiny
-    cfg = tiny(tmp_path, targets="optimistic", settled_hops=1, settled_taken=True, untried_steps=2, canvas=False)
+    cfg = tiny(tmp_path, targets="optimistic", settled_hops=1, settled_taken=True, wall_targets=False, untried_steps=2,
+               canvas=False)
     tok = train.small_tokenizer(cfg.format)
     fmt = train.trajectory_format(cfg, tok)
     model = train.small_model(cfg, tok.n_words, tok.special_tokens)
@@ -249,8 +252,7 @@ def test_settled_taken_regresses_a_known_path_on_its_value(tmp_path):
          [(LEFT, 0.0), (DOWN, 30.0), (RIGHT, u), (UP, u)]]  # taken untried: its return
     expected = sum((q[0, p, a].item() - t) ** 2 for p, row in enumerate(y) for a, t in row) / sum(map(len, y))
     assert loss.item() == pytest.approx(expected, rel=1e-5)
-    with pytest.raises(ValueError, match="--settled-taken regresses the taken action"):
-        train.train(tiny(tmp_path, targets="optimistic", settled_taken=True))
+    assert train.make_config().settled_taken and train.make_config().settled_hops == 1  # the cpu preset's default
 
 
 @pytest.mark.filterwarnings("ignore:pack_slices dropped")
@@ -258,7 +260,8 @@ def test_optimistic_targets_by_hand(tmp_path):
     """--targets optimistic: the taken action regresses on its Monte-Carlo return, each other action only where the
     planner's value is one lookup away (untried: 30·γ^K; known hole: 0), never on a multi-hop path value."""
     from test_train import tiny
-    cfg = tiny(tmp_path, targets="optimistic", untried_steps=2, canvas=False)  # ordinary states, as written below
+    cfg = tiny(tmp_path, targets="optimistic", settled_hops=0, wall_targets=False, untried_steps=2,
+               canvas=False)  # ordinary states, as written below
     tok = train.small_tokenizer(cfg.format)
     fmt = train.trajectory_format(cfg, tok)
     model = train.small_model(cfg, tok.n_words, tok.special_tokens)
@@ -287,7 +290,7 @@ def test_wall_targets_value_a_known_bump_into_the_edge_at_0(tmp_path):
     episode's return does not count), before it is known it is an untried move like any other. Two copies of one
     success on a 2 x 2 lake: 0 →(up, the edge) 0 →(right) 1 →(down) 3, the goal."""
     from test_train import tiny
-    cfg = tiny(tmp_path, targets="optimistic", wall_targets=True, untried_steps=3, canvas=False)
+    cfg = tiny(tmp_path, targets="optimistic", wall_targets=True, settled_hops=0, untried_steps=3, canvas=False)
     tok = train.small_tokenizer(cfg.format)
     fmt = train.trajectory_format(cfg, tok)
     model = train.small_model(cfg, tok.n_words, tok.special_tokens)
@@ -307,8 +310,6 @@ def test_wall_targets_value_a_known_bump_into_the_edge_at_0(tmp_path):
     expected = sum((q[0, p, a].item() - t) ** 2 for p, row in enumerate(y) for a, t in row) / sum(map(len, y))
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert batch["walls"][0, :6, UP].tolist() == [False, True, False, True, True, False]
-    with pytest.raises(ValueError, match="--wall-targets adds targets to the optimistic ones"):
-        train.train(tiny(tmp_path, targets="mc", wall_targets=True))
 
 
 SUCCESS_FIRST = 0  # a shuffle seed of pack_slices that keeps the two episodes below in their order
@@ -319,7 +320,7 @@ def test_proven_floor_raises_the_return_to_the_known_path(tmp_path):
     it leads to the goal. A success 0 → 1 → 3 then an episode that turns back and is truncated: its returns are 0, but
     its first move (right, into 1) is on the path the context shows, worth 30·0.9; its turn back left is not."""
     from test_train import tiny
-    cfg = tiny(tmp_path, targets="optimistic", proven_floor=True, canvas=False)
+    cfg = tiny(tmp_path, targets="optimistic", proven_floor=True, settled_hops=0, wall_targets=False, canvas=False)
     tok = train.small_tokenizer(cfg.format)
     fmt = train.trajectory_format(cfg, tok)
     model = train.small_model(cfg, tok.n_words, tok.special_tokens)

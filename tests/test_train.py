@@ -487,11 +487,11 @@ def test_canvas_from_equals_a_first_stage_run_resumed_with_canvas(tmp_path, firs
 
 def test_canvas_stage_starts_at_a_share_of_the_run(tmp_path):
     cfg = train.make_config()  # the default: a curriculum, the last fifth of the run on canvas offsets
-    assert (cfg.canvas, cfg.canvas_from, cfg.canvas_first_stage) == (True, 0.8, "origin")
+    assert (cfg.canvas, cfg.canvas_from, cfg.canvas_first_stage) == (True, 0.6, "origin")
     assert not train.make_config("smollm2").canvas  # the paper's text has no canvas
-    assert train.canvas_stage_start(cfg, 1250) == 1000
-    assert train.canvas_stage_start(cfg, 240) == 192
-    assert train.canvas_stage_start(cfg, 4) == 3
+    assert train.canvas_stage_start(cfg, 1250) == 750
+    assert train.canvas_stage_start(cfg, 240) == 144
+    assert train.canvas_stage_start(cfg, 4) == 2  # round(2.4)
     assert train.canvas_stage_start(cfg, 1) == 0  # one step: no room for a first stage, the step is a canvas step
     assert train.canvas_stage_start(dataclasses.replace(cfg, canvas_from=0.0), 1250) == 0
     assert train.canvas_stage_start(dataclasses.replace(cfg, canvas=False), 1250) == 0
