@@ -25,7 +25,9 @@ Two ways to use them (train.py): `--targets planner` regresses all four Q-values
 multi-hop search the small model did not form in 1250 steps). `--targets optimistic` keeps the Monte-Carlo return
 for the action taken and adds the planner's value only where it is one lookup away (`settled`: an untried move u, a
 move known to end in a hole 0 or a goal 1) for the other three: the exploration the Monte-Carlo targets lack; it
-raised greedy success (README, Results).
+raised greedy success (README, Results). With `--settled-hops H` (the cpu default: 1) also a known move into a state
+at most H - 1 known moves from an exit (`exits`: a goal-entering or an untried move), with `--settled-taken` for the
+action taken too: one lookup further, which made the warm-up explore; longer paths (H = 3) hurt like `planner`.
 
 The planner sees what the model sees: one slice's context, every episode in it, the current episode up to the step.
 Slices may hold the end of one map's set and the start of the next: the planner then keeps the older map's moves

@@ -26,14 +26,15 @@ Deliberate deviations from the paper (arXiv 2501.14176):
   vocabulary (bytes + merges for dqn.FORMAT_TEXTS + the Llama 3 special-token names + dqn.COMPACT_SPECIALS), RoPE
   base 500000 as in Llama 3.1 but without its long-context scaling (the contexts stay far below 8192 tokens).
   By default it writes the compact format with hindsight recaps (dqn.CompactFormat) and states as tiles of an 8x8
-  canvas (--canvas: row·8 + col on every map, so larger maps meet trained tokens; the first 80 % of the steps with
-  every set at the origin, the rest at random offsets, --canvas-from 0.8), regresses the action taken on its
-  Monte-Carlo return and the other actions, where the context settles them in one lookup, on an optimistic
-  planner's values (--targets optimistic, planner.py: untried moves are worth exploring), and adds an auxiliary
-  next-token loss on the trajectory (--aux-lm 30, dqn.next_token_loss) for 1250 steps: the best of what we measured
-  on the CPU (README, Results, 3 seeds: greedy success 0.71-0.85 in distribution, 0.37-0.47 on larger lakes;
-  without the canvas 0.70-0.80 / 0.11-0.18; Monte-Carlo targets alone 0.50-0.68 in distribution; tabular
-  Q-learning 0.49 / 0.21; the paper's text and targets on this model: 0.09).
+  canvas (--canvas: row·8 + col on every map, so larger maps meet trained tokens; the first 60 % of the steps with
+  every set at the origin, the rest at random offsets, --canvas-from 0.6), regresses the action taken on its
+  Monte-Carlo return and, where the context settles them within two moves, all four actions on an optimistic
+  planner's values (--targets optimistic --settled-hops 1 --settled-taken --wall-targets, planner.py: untried moves
+  are worth exploring, a known bump into the edge nothing), and adds an auxiliary next-token loss on the trajectory
+  (--aux-lm 30, dqn.next_token_loss) for 1250 steps: the best id/ood balance we measured on the CPU (README, Results:
+  greedy success 0.69-0.84 in distribution, 0.48-0.59 on larger lakes over 3 seeds; one-hop targets 0.71-0.85 /
+  0.37-0.47; Monte-Carlo targets alone 0.50-0.68 in distribution; tabular Q-learning 0.49 / 0.21; the paper's text
+  and targets on this model: 0.09).
   `--no-canvas --format paper --targets dqn --lr 1e-3 --aux-lm 0` is the paper's recipe on the same model.
 - Optional online rounds (--online-every): the model's own episodes join the data (the paper's §4.6 proposal).
 - Optional --set-order chronological keeps the Q-learner's episode order inside a set (the paper shuffles).
