@@ -70,9 +70,8 @@ class ContextModel:
 
     def values(self, gamma: float, untried: float) -> dict:
         """V(s) for every state the context names (others: all moves untried, V = untried)."""
-        into, tried, states = self._graph()
-        d_goal = _hops_to(into, {s for (s, _), t in self.moves.items() if self.ends.get(t, 0) > 0})
-        d_untried = _hops_to(into, {s for s in states if tried[s] < 4 and s not in self.ends})
+        into, states, goal_entries, untried_moves = self._graph()
+        d_goal, d_untried = _hops_to(into, goal_entries), _hops_to(into, untried_moves)
         values = {}
         for s in states - self.ends.keys():  # V(s) = max(γ^d_goal, u·γ^d_untried), 0 if neither is reachable
             exits = [gamma ** d_goal[s]] if s in d_goal else []
@@ -108,19 +107,21 @@ class ContextModel:
         """Fewest known non-terminal moves from each state to one with an exit (a goal-entering or an untried
         move), cached like the plans."""
         if "exits" not in self._plans:
-            into, tried, states = self._graph()
-            sources = {s for (s, _), t in self.moves.items() if self.ends.get(t, 0) > 0}
-            self._plans["exits"] = _hops_to(into, sources | {s for s in states if tried[s] < 4 and s not in self.ends})
+            into, _, goal_entries, untried_moves = self._graph()
+            self._plans["exits"] = _hops_to(into, goal_entries | untried_moves)
         return self._plans["exits"]
 
     def _graph(self):
-        """(s' -> states with a known non-terminal, non-wall move to it; moves tried per state; states named)."""
+        """(s' -> states with a known non-terminal, non-wall move to it; the states the context names; those with a
+        known goal-entering move; the non-terminal ones with an untried move)."""
         into = collections.defaultdict(list)
         for (s, a), t in self.moves.items():
             if t not in self.ends and t != s:
                 into[t].append(s)
+        tried = collections.Counter(s for s, _ in self.moves)
         states = {s for s, _ in self.moves} | set(self.moves.values())
-        return into, collections.Counter(s for s, _ in self.moves), states
+        goal_entries = {s for (s, _), t in self.moves.items() if self.ends.get(t, 0) > 0}
+        return into, states, goal_entries, {s for s in states if tried[s] < 4 and s not in self.ends}
 
 
 def _hops_to(into: dict, sources: set) -> dict:
