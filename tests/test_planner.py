@@ -192,6 +192,19 @@ def test_settled_hops_by_hand():
     assert lake.settled(2, hops=5) == [True, True, True, True]         # 2 itself: untried moves and the goal
 
 
+def hop_targets(cfg, eps, shuffle_seed=0):
+    """One slice of eps packed with cfg's plan and hops -> (fmt, model, action ids, batch, Q, train's TD loss)."""
+    tok = train.small_tokenizer(cfg.format)
+    fmt = train.trajectory_format(cfg, tok)
+    model = train.small_model(cfg, tok.n_words, tok.special_tokens)
+    batch = dqn.collate(dqn.pack_slices([eps], fmt, 160, random.Random(shuffle_seed), train.planner_arguments(cfg),
+                                        hops=cfg.settled_hops), fmt.eos[0])
+    ids = torch.tensor(fmt.action_ids)
+    q = dqn.q_values(model, batch["tokens"], batch["q_positions"], ids)
+    loss, _ = train.td_loss_on(batch, model, None, model, None, ids, cfg, contextlib.nullcontext)
+    return fmt, model, ids, batch, q, loss
+
+
 @pytest.mark.filterwarnings("ignore:pack_slices dropped")
 def test_settled_hops_targets_by_hand(tmp_path):
     """--settled-hops 1: a success 0 →(right) 1 →(down) 3 (the goal) then a fall 0 →(down) 2 on a 2 x 2 lake. At the
@@ -200,16 +213,9 @@ def test_settled_hops_targets_by_hand(tmp_path):
     from test_train import tiny
     cfg = tiny(tmp_path, targets="optimistic", settled_hops=1, settled_taken=False, wall_targets=False, untried_steps=2,
                canvas=False)
-    tok = train.small_tokenizer(cfg.format)
-    fmt = train.trajectory_format(cfg, tok)
-    model = train.small_model(cfg, tok.n_words, tok.special_tokens)
     eps = [Episode([0, 1, 3], [RIGHT, DOWN], [0.0, 1.0]), Episode([0, 2], [DOWN], [0.0])]
-    batch = dqn.collate(dqn.pack_slices([eps], fmt, 160, random.Random(0), train.planner_arguments(cfg),
-                                        hops=cfg.settled_hops), fmt.eos[0])
+    fmt, model, ids, batch, q, loss = hop_targets(cfg, eps)
     assert batch["actions"][0, :3].tolist() == [RIGHT, DOWN, DOWN]  # the shuffle kept the success first
-    ids = torch.tensor(fmt.action_ids)
-    q = dqn.q_values(model, batch["tokens"], batch["q_positions"], ids)
-    loss, _ = train.td_loss_on(batch, model, None, model, None, ids, cfg, contextlib.nullcontext)
     u = 30 * 0.9 ** 2
     y = [[(RIGHT, 27.0), (LEFT, u), (DOWN, u), (UP, u)],
          [(DOWN, 30.0), (LEFT, u), (RIGHT, u), (UP, u)],
@@ -234,17 +240,10 @@ def test_settled_taken_regresses_a_known_path_on_its_value(tmp_path):
     from test_train import tiny
     cfg = tiny(tmp_path, targets="optimistic", settled_hops=1, settled_taken=True, wall_targets=False, untried_steps=2,
                canvas=False)
-    tok = train.small_tokenizer(cfg.format)
-    fmt = train.trajectory_format(cfg, tok)
-    model = train.small_model(cfg, tok.n_words, tok.special_tokens)
     eps = [Episode([0, 1, 3], [RIGHT, DOWN], [0.0, 1.0]), Episode([0, 1, 0], [RIGHT, LEFT], [0.0, 0.0], truncated=True)]
-    batch = dqn.collate(dqn.pack_slices([eps], fmt, 160, random.Random(0), train.planner_arguments(cfg),
-                                        hops=cfg.settled_hops), fmt.eos[0])
+    _, _, _, batch, q, loss = hop_targets(cfg, eps)
     assert batch["actions"][0, :4].tolist() == [RIGHT, DOWN, RIGHT, LEFT]  # the shuffle kept the success first
     assert batch["hopped"][0, :4].tolist() == [[False] * 4, [False] * 4, [False, False, True, False], [False] * 4]
-    ids = torch.tensor(fmt.action_ids)
-    q = dqn.q_values(model, batch["tokens"], batch["q_positions"], ids)
-    loss, _ = train.td_loss_on(batch, model, None, model, None, ids, cfg, contextlib.nullcontext)
     u = 30 * 0.9 ** 2
     y = [[(RIGHT, 27.0), (LEFT, u), (DOWN, u), (UP, u)],
          [(DOWN, 30.0), (LEFT, u), (RIGHT, u), (UP, u)],
