@@ -82,6 +82,7 @@ PREFILL_ALONE = 64  # a row with more new tokens than this (a re-prefill) runs o
 @dataclass
 class EvalConfig:
     run: str | None = None           # run dir or checkpoint dir of train.py (train.load_policy); None = baselines only
+    online_weights: bool = False     # play the run's online weights even where it saved an --ema average
     experiment: str = "id"           # id | ood | stitching | nonstationary | all
     episodes: int = 30               # episodes per map (per map phase in nonstationary)
     maps: int | None = None          # use only the first N maps of the experiment's set (None = all 50)
@@ -636,7 +637,7 @@ def evaluate(cfg, policy_model=None):
     if policy_model is None and not cfg.baselines_only:
         import train
         n_train_maps = max(n_train_maps, train.saved_config(train.checkpoint_dir(cfg.run)).n_maps)
-        model, adapter, _, fmt = train.load_policy(cfg.run, device=cfg.device)
+        model, adapter, _, fmt = train.load_policy(cfg.run, device=cfg.device, averaged=not cfg.online_weights)
         model.eval()
         policy_model = ModelPolicy(model, fmt, adapter, context=cfg.context, recompute=cfg.recompute)
     out_root = cfg.out or (os.path.join(cfg.run, "eval") if cfg.run else os.path.join("runs", "baselines", "eval"))
@@ -683,6 +684,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = EvalConfig()
     p.add_argument("--run", default=d.run, help="train.py run dir (latest checkpoint) or a checkpoint dir")
+    p.add_argument("--online-weights", action="store_true",
+                   help="play the run's online weights, not the --ema average its checkpoint saved (if any)")
     p.add_argument("--experiment", default=d.experiment, choices=EXPERIMENTS + ("all",))
     p.add_argument("--episodes", type=int, default=d.episodes, help="episodes per map (per map phase)")
     p.add_argument("--maps", type=int, default=d.maps,

@@ -154,6 +154,9 @@ class TrainConfig:
     gamma: float = option(0.9, "discount γ of the Bellman targets (paper: 0.9)")
     reward_scale: float = option(30.0, "episode reward x this in the targets, to match the logit scale (paper: 30)")
     alpha: float = option(0.1, "Polyak rate: target <- α·online + (1-α)·target after every step (paper: 0.1)")
+    ema: float = option(0.0, "also keep an exponential moving average of the trained weights, avg <- d·avg + "
+                        "(1-d)·weights after every step (0: off; 0.99 ≈ the last 100 steps); checkpoints save it "
+                        "(ema/ or ema_adapter/) and load_policy plays it (iterate averaging, not the paper's)")
     targets: str = option("optimistic", "regression targets: dqn (the paper's double-DQN bootstrap, Eq. 6), mc (the "
                           "discounted return of the action's episode: no target network), optimistic (mc for the "
                           "action taken, and for each other action whose outcome the context settles in one lookup "
@@ -266,6 +269,8 @@ def check_config(cfg: TrainConfig):
         raise ValueError("--proven-floor raises the Monte-Carlo targets: use it with --targets mc or optimistic")
     if cfg.novelty_bonus and cfg.targets not in ("mc", "optimistic"):
         raise ValueError("--novelty-bonus is added to the Monte-Carlo targets: use it with --targets mc or optimistic")
+    if not 0.0 <= cfg.ema < 1.0:
+        raise ValueError(f"--ema {cfg.ema} is the average's decay per step: give a number in [0, 1) (0: off)")
     if cfg.untried_steps < 0:
         raise ValueError(f"--untried-steps is a number of steps (the untried value is γ^N), got {cfg.untried_steps}")
     if cfg.aux_lm < 0:
@@ -551,7 +556,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, cfg, step, model, adapter, target, target_adapter, tokenizer, optimizer,
-                    online_sets=()):
+                    online_sets=(), ema=None):
     final = run_dir / "checkpoints" / f"step_{step:06d}"
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
@@ -561,9 +566,13 @@ def save_checkpoint(run_dir: Path, cfg, step, model, adapter, target, target_ada
             llama.save(model, tmp / "model")
             tokenizer.save(tmp / "model")
             llama.save(target, tmp / "target")
+            if ema is not None:
+                llama.save(ema, tmp / "ema")
         else:
             adapter.save_pretrained(tmp / "adapter", base_model_name_or_path=str(base_model_dir(cfg)))
             target_adapter.save_pretrained(tmp / "target_adapter")
+            if ema is not None:
+                ema.save_pretrained(tmp / "ema_adapter", base_model_name_or_path=str(base_model_dir(cfg)))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"step": step, "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -616,12 +625,28 @@ def checkpoint_dir(run_or_checkpoint_dir) -> Path:
     return ckpt
 
 
-def load_policy(run_or_checkpoint_dir, device="cpu"):
+def ema_weights(model, adapter, checkpoint: Path | None = None, device="cpu"):
+    """The --ema average of the trained weights (the small model, or the IA3 adapter on the shared base): the one
+    a checkpoint saved, else a fresh copy of the weights (a new run, or --ema turned on at a resume)."""
+    if adapter is None:
+        saved = checkpoint is not None and (checkpoint / "ema").is_dir()
+        ema = llama.load(checkpoint / "ema").to(device) if saved else copy.deepcopy(model)
+    else:
+        saved = checkpoint is not None and (checkpoint / "ema_adapter").is_dir()
+        ema = ia3.IA3.from_pretrained(checkpoint / "ema_adapter", model) if saved else adapter.copy()
+    return ema.requires_grad_(False)
+
+
+def load_policy(run_or_checkpoint_dir, device="cpu", averaged=True):
     """-> (model, adapter or None, tokenizer, fmt) of the latest checkpoint of a run dir, or of a checkpoint dir.
-    cpu preset: the trained small model (adapter None); IA3 presets: the frozen base model + the online adapter."""
+    cpu preset: the trained small model (adapter None); IA3 presets: the frozen base model + the online adapter.
+    averaged: the --ema average instead where the checkpoint has one (False: the online weights)."""
     ckpt = checkpoint_dir(run_or_checkpoint_dir)
     cfg = saved_config(ckpt)
     model, adapter, _, _, tokenizer = build_policy(cfg, device, checkpoint=ckpt)
+    if averaged and (ckpt / ("ema" if adapter is None else "ema_adapter")).is_dir():
+        ema = ema_weights(model, adapter, ckpt, device)
+        model, adapter = (ema, None) if adapter is None else (model, ema)
     model.eval().requires_grad_(False)
     if adapter is not None:
         adapter.requires_grad_(False)
@@ -755,6 +780,8 @@ def train(cfg: TrainConfig) -> Path:
     trainable = [p for p in (adapter or model).parameters() if p.requires_grad]
     online_params = list((adapter or model).parameters())
     target_params = list((target_adapter or target).parameters())
+    ema = ema_weights(model, adapter, resume_from, device) if cfg.ema else None
+    ema_params = list(ema.parameters()) if ema is not None else []
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     step, online_sets = 0, []  # online_sets: per kept round (step, its episode sets), newest last
     if resume_from is not None:
@@ -812,7 +839,7 @@ def train(cfg: TrainConfig) -> Path:
     def save():  # rank 0 writes, the others wait so that no rank runs ahead of a checkpoint
         if rank == 0:
             save_checkpoint(run_dir, cfg, step, model, adapter, target, target_adapter, tokenizer, optimizer,
-                            online_sets)
+                            online_sets, ema)
         if world > 1:
             dist.barrier()
         return run_dir / "checkpoints" / f"step_{step:06d}"
@@ -883,6 +910,8 @@ def train(cfg: TrainConfig) -> Path:
                     torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
                 optimizer.step()
                 dqn.polyak_update(target_params, online_params, cfg.alpha)  # φ ← α·θ + (1−α)·φ
+                if ema is not None:
+                    dqn.polyak_update(ema_params, online_params, 1 - cfg.ema)  # θ̄ ← d·θ̄ + (1−d)·θ
                 step += 1
                 dt = time.perf_counter() - t0
                 record = {"step": step, "loss": loss_sum.item(), "lr": lr, "tokens": tokens.item(),

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import dqn
 import frozenlake
+import ia3
 import llama
 import train
 
@@ -273,6 +274,30 @@ def test_interrupt_mid_step_then_resume_equals_uninterrupted(tmp_path, monkeypat
     assert steps == [0, 1, 2, 3, 4]
 
 
+def test_ema_averages_the_weights_after_every_step_saves_resumes_and_plays(tmp_path):
+    """--ema d: avg_k = d·avg_(k-1) + (1-d)·θ_k after every step k, checked between consecutive checkpoints; a run
+    resumed at step 2 ends with the same average bit for bit; load_policy plays the average unless told otherwise."""
+    straight = train.train(tiny(tmp_path / "a", ema=0.75, save_every=1, canvas=False))
+    ck = [straight / "checkpoints" / f"step_{k:06d}" for k in range(5)]
+    for k in (2, 3, 4):
+        before, now, online = weights(ck[k - 1], "ema"), weights(ck[k], "ema"), weights(ck[k])
+        for name in now:
+            torch.testing.assert_close(now[name], 0.75 * before[name] + 0.25 * online[name])
+        assert not torch.equal(now["model.norm.weight"], online["model.norm.weight"])
+    train.train(tiny(tmp_path / "b", ema=0.75, steps=2, canvas=False))
+    resumed = train.train(tiny(tmp_path / "b", ema=0.75, resume=True, canvas=False))
+    a, b = weights(ck[4], "ema"), weights(resumed / "checkpoints" / "step_000004", "ema")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    averaged, _, _, _ = train.load_policy(straight)
+    online, _, _, _ = train.load_policy(straight, averaged=False)
+    torch.testing.assert_close(averaged.norm.weight, a["model.norm.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(online.norm.weight, weights(ck[4])["model.norm.weight"], rtol=0, atol=0)
+    assert not (tmp_path / "c").exists() and not (train.train(tiny(tmp_path / "c")) / "checkpoints" /
+                                                   "step_000004" / "ema").exists()  # off by default: no average
+    with pytest.raises(ValueError, match="--ema 1.0 is the average's decay"):
+        train.train(tiny(tmp_path / "d", ema=1.0))
+
+
 def test_ctrl_c_signal_finishes_the_step_and_saves(tmp_path, monkeypatch):
     calls, collate = [0], dqn.collate
 
@@ -313,12 +338,18 @@ def test_ia3_preset_trains_only_the_adapter(tmp_path):
     tok.save(tmp_path / "base")
     kw = {k: v for k, v in tiny(tmp_path).__dict__.items() if k not in train.MODEL_FIELDS and k != "lr"
           and not k.startswith("canvas")}  # the paper's text has no canvas
-    run = train.train(train.make_config("smollm2", **{**kw, "model_dir": str(tmp_path / "base"), "steps": 2}))
+    run = train.train(train.make_config("smollm2", **{**kw, "model_dir": str(tmp_path / "base"), "steps": 2,
+                                                      "ema": 0.5}))
     ckpt = run / "checkpoints" / "step_000002"
     assert (ckpt / "adapter" / "adapter_config.json").is_file() and (ckpt / "target_adapter").is_dir()
-    model, adapter, _, _ = train.load_policy(run)
+    model, adapter, _, _ = train.load_policy(run, averaged=False)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
     assert adapter is not None and not torch.equal(adapter.l_ff[0], torch.ones_like(adapter.l_ff[0]))
+    # --ema: the averaged adapter on the same base, saved beside the online one and played by default
+    averaged = train.load_policy(run)[1]
+    assert (ckpt / "ema_adapter" / "adapter_config.json").is_file()
+    torch.testing.assert_close(averaged.l_ff[0], ia3.IA3.from_pretrained(ckpt / "ema_adapter", model).l_ff[0])
+    assert not torch.equal(averaged.l_ff[0], adapter.l_ff[0])
 
 
 def test_smollm2_preset_without_its_assets_fails_clearly(tmp_path, monkeypatch):
