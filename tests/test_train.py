@@ -210,7 +210,7 @@ def test_tiny_run_writes_checkpoints_metrics_png_and_loads(tmp_path):
     run = train.train(cfg)
     assert (run / "latest").read_text() == "checkpoints/step_000004"
     ckpt = run / "checkpoints" / "step_000004"
-    assert {p.name for p in ckpt.iterdir()} == {"train_config.json", "model", "target", "optimizer.pt",
+    assert {p.name for p in ckpt.iterdir()} == {"train_config.json", "model", "target", "ema", "optimizer.pt",
                                                 "trainer_state.pt"}
     assert (run / "checkpoints" / "step_000002").is_dir()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -230,7 +230,7 @@ def test_tiny_run_writes_checkpoints_metrics_png_and_loads(tmp_path):
     assert adapter is None and fmt.action_ids == dqn.TrajectoryFormat.for_tokenizer(
         train.small_tokenizer(cfg.format)).action_ids
     import transformers
-    hf = transformers.LlamaForCausalLM.from_pretrained(ckpt / "model").eval()
+    hf = transformers.LlamaForCausalLM.from_pretrained(ckpt / "ema").eval()  # what it plays: the --ema average
     assert fmt.canvas  # the default trains its last stage on canvas states: an episode needs its map's width
     tokens, qp = dqn.tokenize_episode(dqn.Episode([0, 1, 2], [2, 2], [0.0, 1.0], ncol=3), fmt)
     tokens = torch.tensor([tokens])
@@ -265,7 +265,7 @@ def test_interrupt_mid_step_then_resume_equals_uninterrupted(tmp_path, monkeypat
     assert (run / "latest").read_text() == "checkpoints/step_000002"
     resumed = train.train(tiny(tmp_path / "b", resume=True))
     a, b = straight / "checkpoints" / "step_000004", resumed / "checkpoints" / "step_000004"
-    for name in ("model", "target"):
+    for name in ("model", "target", "ema"):
         wa, wb = weights(a, name), weights(b, name)
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name  # bit for bit on CPU
     oa, ob = torch.load(a / "optimizer.pt"), torch.load(b / "optimizer.pt")
@@ -292,8 +292,8 @@ def test_ema_averages_the_weights_after_every_step_saves_resumes_and_plays(tmp_p
     online, _, _, _ = train.load_policy(straight, averaged=False)
     torch.testing.assert_close(averaged.norm.weight, a["model.norm.weight"], rtol=0, atol=0)
     torch.testing.assert_close(online.norm.weight, weights(ck[4])["model.norm.weight"], rtol=0, atol=0)
-    assert not (tmp_path / "c").exists() and not (train.train(tiny(tmp_path / "c")) / "checkpoints" /
-                                                   "step_000004" / "ema").exists()  # off by default: no average
+    assert not (train.train(tiny(tmp_path / "c", ema=0.0)) / "checkpoints" / "step_000004" / "ema").exists()
+    assert train.make_config("cpu").ema == 0.99 and train.make_config("smollm2").ema == 0.0  # the paper: none
     with pytest.raises(ValueError, match="--ema 1.0 is the average's decay"):
         train.train(tiny(tmp_path / "d", ema=1.0))
 
