@@ -628,13 +628,13 @@ def checkpoint_dir(run_or_checkpoint_dir) -> Path:
 
 def ema_weights(model, adapter, checkpoint: Path | None = None, device="cpu"):
     """The --ema average of the trained weights (the small model, or the IA3 adapter on the shared base): the one
-    a checkpoint saved, else a fresh copy of the weights (a new run, or --ema turned on at a resume)."""
-    if adapter is None:
-        saved = checkpoint is not None and (checkpoint / "ema").is_dir()
-        ema = llama.load(checkpoint / "ema").to(device) if saved else copy.deepcopy(model)
+    a checkpoint saved, else a fresh copy of the weights (a new run, --ema turned on at a resume, or a run without
+    one: then it plays as the weights themselves)."""
+    saved = checkpoint / ("ema" if adapter is None else "ema_adapter") if checkpoint is not None else None
+    if saved is None or not saved.is_dir():
+        ema = copy.deepcopy(model) if adapter is None else adapter.copy()
     else:
-        saved = checkpoint is not None and (checkpoint / "ema_adapter").is_dir()
-        ema = ia3.IA3.from_pretrained(checkpoint / "ema_adapter", model) if saved else adapter.copy()
+        ema = llama.load(saved).to(device) if adapter is None else ia3.IA3.from_pretrained(saved, model)
     return ema.requires_grad_(False)
 
 
@@ -645,7 +645,7 @@ def load_policy(run_or_checkpoint_dir, device="cpu", averaged=True):
     ckpt = checkpoint_dir(run_or_checkpoint_dir)
     cfg = saved_config(ckpt)
     model, adapter, _, _, tokenizer = build_policy(cfg, device, checkpoint=ckpt)
-    if averaged and (ckpt / ("ema" if adapter is None else "ema_adapter")).is_dir():
+    if averaged:  # without a saved average, ema_weights copies the weights: the same policy
         ema = ema_weights(model, adapter, ckpt, device)
         model, adapter = (ema, None) if adapter is None else (model, ema)
     model.eval().requires_grad_(False)
