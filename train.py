@@ -29,10 +29,11 @@ Deliberate deviations from the paper (arXiv 2501.14176):
   canvas (--canvas: row·8 + col on every map, so larger maps meet trained tokens; the first 60 % of the steps with
   every set at the origin, the rest at random offsets, --canvas-from 0.6), regresses the action taken on its
   Monte-Carlo return and, where the context settles them within two moves, all four actions on an optimistic
-  planner's values (--targets optimistic --settled-hops 1 --settled-taken --wall-targets, planner.py: untried moves
-  are worth exploring, a known bump into the edge nothing), and adds an auxiliary next-token loss on the trajectory
-  (--aux-lm 30, dqn.next_token_loss) for 1250 steps, and the policy it saves to be played is the moving average of
-  the weights over the last ≈ 100 steps (--ema 0.99; the paper plays its trained weights): the best id/ood balance
+  planner's values (--targets optimistic --settled-hops 1 --settled-taken --untried-taken --wall-targets,
+  planner.py: untried moves are worth exploring, taken or not, a known bump into the edge nothing), and adds an
+  auxiliary next-token loss on the trajectory (--aux-lm 30, dqn.next_token_loss) for 1250 steps, and the policy it
+  saves to be played is the moving average of the weights over the last ≈ 100 steps (--ema 0.99; the paper plays
+  its trained weights): the best id/ood balance
   we measured on the CPU (README, Results, where the numbers live: tabular Q-learning 0.49 / 0.21, the paper's text
   and targets on this model 0.09).
   `--no-canvas --format paper --targets dqn --lr 1e-3 --aux-lm 0 --ema 0` is the paper's recipe on the same model.
@@ -175,6 +176,10 @@ class TrainConfig:
     settled_taken: bool = option(True, "--targets optimistic with --settled-hops > 0: the taken action too is "
                                  "regressed on the planner's value where it is such a known path, instead of its "
                                  "Monte-Carlo return (which also counts what the data's learner did next)")
+    untried_taken: bool = option(True, "--targets optimistic (ignored by the others): the taken action, where the "
+                                 "context had not tried it yet, is regressed on the untried value (γ^--untried-steps) "
+                                 "like the untaken untried moves, instead of its Monte-Carlo return (what the "
+                                 "exploration happened to get next, which the context cannot know)")
     proven_floor: bool = option(False, "--targets mc / optimistic: the taken action's target is max(its Monte-Carlo "
                                 "return, the return of the shortest path to a goal that the context shows from "
                                 "where the action leads): both are returns the lake is known to give")
@@ -203,7 +208,7 @@ class TrainConfig:
 
 
 PAPER = dict(format="paper", canvas=False, targets="dqn", wall_targets=False, settled_hops=0, settled_taken=False,
-             ema=0.0,
+             untried_taken=False, ema=0.0,
              aux_lm=0.0, context_len=4096, slices_per_step=10,
              micro_batch=1, lr=1e-2, warmup_steps=10, weight_decay=0.01, grad_clip=0.0, gamma=0.9, reward_scale=30.0, alpha=0.1, steps=0,
              epochs=1.0,
@@ -722,8 +727,12 @@ def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, a
         taken = torch.nn.functional.one_hot(batch["actions"], 4).bool()                           # (B, P, 4)
         targets = torch.where(taken, targets[..., None], cfg.reward_scale * batch["planner_q"])    # (B, P, 4)
         regressed = taken | batch["settled"]
+        planned = torch.zeros_like(taken)
         if cfg.settled_taken:  # y = R·γ·V(s') for a taken known move within --settled-hops of an exit, not G_t
-            targets = torch.where(taken & batch["hopped"], cfg.reward_scale * batch["planner_q"], targets)
+            planned |= batch["hopped"]
+        if cfg.untried_taken:  # y = R·u for a taken move the context has not tried: the untaken ones' target, not G_t
+            planned |= batch["settled"] & ~batch["hopped"]  # the one-hop facts: untried (u) or a known end (= G_t)
+        targets = torch.where(taken & planned, cfg.reward_scale * batch["planner_q"], targets)
         if cfg.wall_targets:  # y(s, a) = 0 for a known (s, a) -> s: dominated, whatever its episode's return
             targets, regressed = targets.masked_fill(batch["walls"], 0.0), regressed | batch["walls"]
         return dqn.td_loss(q_online, targets, batch, cfg.normalize_by_mean_target, regressed), aux

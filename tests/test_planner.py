@@ -211,7 +211,8 @@ def test_settled_hops_targets_by_hand(tmp_path):
     fall's start, right at 0 is a known move to 1, which has a goal-entering move: regressed on 30 · γ · V(1) = 27,
     where the one-hop optimistic targets leave it out."""
     from test_train import tiny
-    cfg = tiny(tmp_path, targets="optimistic", settled_hops=1, settled_taken=False, wall_targets=False, untried_steps=2,
+    cfg = tiny(tmp_path, targets="optimistic", settled_hops=1, settled_taken=False, untried_taken=False,
+               wall_targets=False, untried_steps=2,
                canvas=False)
     eps = [Episode([0, 1, 3], [RIGHT, DOWN], [0.0, 1.0]), Episode([0, 2], [DOWN], [0.0])]
     fmt, model, ids, batch, q, loss = hop_targets(cfg, eps)
@@ -238,7 +239,8 @@ def test_settled_taken_regresses_a_known_path_on_its_value(tmp_path):
     first move (right, into 1, which has the goal's move) is known: regressed on 30·γ·V(1) = 27, not on its return 0;
     its turn back left is untried: its return (0), as always; the success's own moves were untried too."""
     from test_train import tiny
-    cfg = tiny(tmp_path, targets="optimistic", settled_hops=1, settled_taken=True, wall_targets=False, untried_steps=2,
+    cfg = tiny(tmp_path, targets="optimistic", settled_hops=1, settled_taken=True, untried_taken=False,
+               wall_targets=False, untried_steps=2,
                canvas=False)
     eps = [Episode([0, 1, 3], [RIGHT, DOWN], [0.0, 1.0]), Episode([0, 1, 0], [RIGHT, LEFT], [0.0, 0.0], truncated=True)]
     _, _, _, batch, q, loss = hop_targets(cfg, eps)
@@ -255,11 +257,32 @@ def test_settled_taken_regresses_a_known_path_on_its_value(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:pack_slices dropped")
+def test_untried_taken_regresses_a_first_try_on_the_untried_value(tmp_path):
+    """--untried-taken: the episodes of the test above. Every move the context had not tried when it was taken is
+    regressed on u = 30·γ^2, like the untried moves not taken: the success's first right (return 27) and its step into
+    the goal (return 30; the context could not know), and the turn back left (return 0); the known right keeps 27."""
+    from test_train import tiny
+    cfg = tiny(tmp_path, targets="optimistic", settled_hops=1, settled_taken=True, wall_targets=False,
+               untried_steps=2, canvas=False)  # --untried-taken: the cpu preset's default
+    eps = [Episode([0, 1, 3], [RIGHT, DOWN], [0.0, 1.0]), Episode([0, 1, 0], [RIGHT, LEFT], [0.0, 0.0], truncated=True)]
+    _, _, _, batch, q, loss = hop_targets(cfg, eps)
+    assert batch["actions"][0, :4].tolist() == [RIGHT, DOWN, RIGHT, LEFT]
+    u = 30 * 0.9 ** 2
+    y = [[(RIGHT, u), (LEFT, u), (DOWN, u), (UP, u)],
+         [(DOWN, u), (LEFT, u), (RIGHT, u), (UP, u)],
+         [(RIGHT, 27.0), (LEFT, u), (DOWN, u), (UP, u)],
+         [(LEFT, u), (DOWN, 30.0), (RIGHT, u), (UP, u)]]
+    expected = sum((q[0, p, a].item() - t) ** 2 for p, row in enumerate(y) for a, t in row) / sum(map(len, y))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert cfg.untried_taken and not train.make_config("smollm2").untried_taken  # the paper's presets: off
+
+
+@pytest.mark.filterwarnings("ignore:pack_slices dropped")
 def test_optimistic_targets_by_hand(tmp_path):
     """--targets optimistic: the taken action regresses on its Monte-Carlo return, each other action only where the
     planner's value is one lookup away (untried: 30·γ^K; known hole: 0), never on a multi-hop path value."""
     from test_train import tiny
-    cfg = tiny(tmp_path, targets="optimistic", settled_hops=0, wall_targets=False, untried_steps=2,
+    cfg = tiny(tmp_path, targets="optimistic", settled_hops=0, untried_taken=False, wall_targets=False, untried_steps=2,
                canvas=False)  # ordinary states, as written below
     tok = train.small_tokenizer(cfg.format)
     fmt = train.trajectory_format(cfg, tok)
@@ -289,7 +312,8 @@ def test_wall_targets_value_a_known_bump_into_the_edge_at_0(tmp_path):
     episode's return does not count), before it is known it is an untried move like any other. Two copies of one
     success on a 2 x 2 lake: 0 →(up, the edge) 0 →(right) 1 →(down) 3, the goal."""
     from test_train import tiny
-    cfg = tiny(tmp_path, targets="optimistic", wall_targets=True, settled_hops=0, untried_steps=3, canvas=False)
+    cfg = tiny(tmp_path, targets="optimistic", wall_targets=True, settled_hops=0, untried_taken=False, untried_steps=3,
+               canvas=False)
     tok = train.small_tokenizer(cfg.format)
     fmt = train.trajectory_format(cfg, tok)
     model = train.small_model(cfg, tok.n_words, tok.special_tokens)
@@ -319,7 +343,8 @@ def test_proven_floor_raises_the_return_to_the_known_path(tmp_path):
     it leads to the goal. A success 0 → 1 → 3 then an episode that turns back and is truncated: its returns are 0, but
     its first move (right, into 1) is on the path the context shows, worth 30·0.9; its turn back left is not."""
     from test_train import tiny
-    cfg = tiny(tmp_path, targets="optimistic", proven_floor=True, settled_hops=0, wall_targets=False, canvas=False)
+    cfg = tiny(tmp_path, targets="optimistic", proven_floor=True, settled_hops=0, untried_taken=False,
+               wall_targets=False, canvas=False)
     tok = train.small_tokenizer(cfg.format)
     fmt = train.trajectory_format(cfg, tok)
     model = train.small_model(cfg, tok.n_words, tok.special_tokens)
