@@ -33,9 +33,8 @@ Deliberate deviations from the paper (arXiv 2501.14176):
   planner.py: untried moves are worth exploring, taken or not, a known bump into the edge nothing), and adds an
   auxiliary next-token loss on the trajectory (--aux-lm 30, dqn.next_token_loss) for 1250 steps, and the policy it
   saves to be played is the moving average of the weights over the last ≈ 100 steps (--ema 0.99; the paper plays
-  its trained weights): the best id/ood balance
-  we measured on the CPU (README, Results, where the numbers live: tabular Q-learning 0.49 / 0.21, the paper's text
-  and targets on this model 0.09).
+  its trained weights): the best id/ood balance we measured on the CPU (README, Results, where the numbers live:
+  tabular Q-learning 0.49 / 0.21, the paper's text and targets on this model 0.09).
   `--no-canvas --format paper --targets dqn --lr 1e-3 --aux-lm 0 --ema 0` is the paper's recipe on the same model.
 - Optional online rounds (--online-every): the model's own episodes join the data (the paper's §4.6 proposal).
 - Optional --set-order chronological keeps the Q-learner's episode order inside a set (the paper shuffles).
