@@ -212,8 +212,7 @@ def test_settled_hops_targets_by_hand(tmp_path):
     where the one-hop optimistic targets leave it out."""
     from test_train import tiny
     cfg = tiny(tmp_path, targets="optimistic", settled_hops=1, settled_taken=False, untried_taken=False,
-               wall_targets=False, untried_steps=2,
-               canvas=False)
+               wall_targets=False, untried_steps=2, canvas=False)
     eps = [Episode([0, 1, 3], [RIGHT, DOWN], [0.0, 1.0]), Episode([0, 2], [DOWN], [0.0])]
     fmt, model, ids, batch, q, loss = hop_targets(cfg, eps)
     assert batch["actions"][0, :3].tolist() == [RIGHT, DOWN, DOWN]  # the shuffle kept the success first
@@ -237,11 +236,11 @@ def test_settled_hops_targets_by_hand(tmp_path):
 def test_settled_taken_regresses_a_known_path_on_its_value(tmp_path):
     """--settled-hops 1 --settled-taken: a success 0 → 1 → 3 then an episode that turns back and is truncated. Its
     first move (right, into 1, which has the goal's move) is known: regressed on 30·γ·V(1) = 27, not on its return 0;
-    its turn back left is untried: its return (0), as always; the success's own moves were untried too."""
+    its turn back left is untried: its return (0) without --untried-taken; the success's own moves were untried
+    too."""
     from test_train import tiny
     cfg = tiny(tmp_path, targets="optimistic", settled_hops=1, settled_taken=True, untried_taken=False,
-               wall_targets=False, untried_steps=2,
-               canvas=False)
+               wall_targets=False, untried_steps=2, canvas=False)
     eps = [Episode([0, 1, 3], [RIGHT, DOWN], [0.0, 1.0]), Episode([0, 1, 0], [RIGHT, LEFT], [0.0, 0.0], truncated=True)]
     _, _, _, batch, q, loss = hop_targets(cfg, eps)
     assert batch["actions"][0, :4].tolist() == [RIGHT, DOWN, RIGHT, LEFT]  # the shuffle kept the success first
