@@ -395,3 +395,24 @@ def test_failure_modes_classifies_each_greedy_step_by_what_the_context_showed():
     steps, ends = failure_modes.classify(res)
     assert steps[False] == {"untried": 1, "hole": 1, "edge": 3} and not steps[True]
     assert ends[False] == {"hole (known)": 1, "loop": 1}
+
+
+def test_planner_agreement_scores_the_greedy_move_against_the_planner(compact):
+    """benchmarks/planner_agreement.py's score: a Q equal to the planner's values agrees everywhere, its negation
+    only where all moves tie; positions split at the slice's first success; untried values read before it."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("planner_agreement", ROOT / "benchmarks" / "planner_agreement.py")
+    agreement = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agreement)
+    rng = random.Random(3)
+    sets = [[e for e in train.q_learning_episodes(desc, 30, 0.5, 0.95, rng) if len(e.actions) < 25][:12]
+            for desc in frozenlake.train_maps()[:2]]
+    slices = dqn.pack_slices(sets, compact, 300, random.Random(0), plan=(G, U))
+    exact = [torch.tensor(sl.planner_q) for sl in slices]
+    shares, untried = agreement.score(slices, exact, U)
+    assert all(share == 1.0 for _, share in shares.values()) and set(shares) == set(agreement.KINDS)
+    assert sum(n for n, _ in shares.values()) == sum(len(sl.actions) for sl in slices)
+    assert untried and all(v == pytest.approx(U) for v in untried)
+    ties = sum(max(v) == min(v) for sl in slices for v in sl.planner_q)
+    negated, _ = agreement.score(slices, [-q for q in exact], U)
+    assert sum(n * share for n, share in negated.values()) == pytest.approx(ties)
