@@ -87,12 +87,17 @@ def test_latest_evidence_wins():
     assert lake.moves[0, RIGHT] == 4 and lake.q(0, G, U)[RIGHT] == pytest.approx(G * U)
 
 
+def two_lake_sets():
+    """Two training maps' sets of 12 short Q-learning episodes each (seeded): 300-token slices cross their boundary."""
+    rng = random.Random(3)
+    return [[e for e in train.q_learning_episodes(desc, 30, 0.5, 0.95, rng) if len(e.actions) < 25][:12]
+            for desc in frozenlake.train_maps()[:2]]
+
+
 def test_packing_plans_on_what_the_slice_shows(compact):
     """Each action slot's planner_q is the plan of a fresh ContextModel fed exactly the slice's earlier steps (across
     the boundary between two sets too); a new slice starts knowing nothing."""
-    rng = random.Random(3)
-    sets = [[e for e in train.q_learning_episodes(desc, 30, 0.5, 0.95, rng) if len(e.actions) < 25][:12]
-            for desc in frozenlake.train_maps()[:2]]
+    sets = two_lake_sets()
     slices = dqn.pack_slices(sets, compact, 300, random.Random(0), plan=(G, U))
     order, shuffle = [], random.Random(0)  # pack_slices' order: each set shuffled by the same rng, sets in turn
     for eps in sets:
@@ -404,9 +409,7 @@ def test_planner_agreement_scores_the_greedy_move_against_the_planner(compact):
     spec = importlib.util.spec_from_file_location("planner_agreement", ROOT / "benchmarks" / "planner_agreement.py")
     agreement = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(agreement)
-    rng = random.Random(3)
-    sets = [[e for e in train.q_learning_episodes(desc, 30, 0.5, 0.95, rng) if len(e.actions) < 25][:12]
-            for desc in frozenlake.train_maps()[:2]]
+    sets = two_lake_sets()
     slices = dqn.pack_slices(sets, compact, 300, random.Random(0), plan=(G, U))
     exact = [torch.tensor(sl.planner_q) for sl in slices]
     shares, untried = agreement.score(slices, exact, U)
