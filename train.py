@@ -265,9 +265,9 @@ def check_config(cfg: TrainConfig):
     if not 0.0 <= cfg.canvas_origin_share <= 1.0 or (cfg.canvas_origin_share and not cfg.canvas):
         raise ValueError(f"--canvas-origin-share {cfg.canvas_origin_share} is a share of the canvas training sets: "
                          f"give a number in [0, 1], with --canvas")
-    if cfg.canvas and cfg.canvas_from and cfg.online_every:
-        raise ValueError("--online-every with a first stage (--canvas-from): the model would play in a format it is "
-                         "not yet trained on; add --canvas-from 0 (canvas offsets from the start) or --no-canvas")
+    if cfg.canvas and cfg.canvas_from and cfg.canvas_first_stage == "ordinary" and cfg.online_every:
+        raise ValueError("--online-every with an ordinary first stage: the model would play canvas states it is not "
+                         "yet trained on; use --canvas-first-stage origin, --canvas-from 0 or --no-canvas")
     if cfg.settled_hops < 0:
         raise ValueError(f"--settled-hops is a number of known moves (0: one-hop facts only), got {cfg.settled_hops}")
     if cfg.proven_floor and cfg.targets not in ("mc", "optimistic"):
@@ -456,10 +456,14 @@ def load_episode_sets(cfg: TrainConfig, split: str) -> list[list[dqn.Episode]]:
         for i, (m, _, _) in enumerate(data["sets"]):
             rows, cols = len(dc["maps"][m]), len(dc["maps"][m][0])
             at_origin = split != "train" or (cfg.canvas_origin_share and rng.random() < cfg.canvas_origin_share)
-            offset = (0, 0) if at_origin else (int(rng.random() * (dqn.CANVAS - rows + 1)),
-                                               int(rng.random() * (dqn.CANVAS - cols + 1)))
+            offset = (0, 0) if at_origin else canvas_offset(rows, cols, rng)
             sets[i] = [dqn.to_canvas(ep, *offset) for ep in sets[i]]
     return sets
+
+
+def canvas_offset(rows: int, cols: int, rng: random.Random) -> tuple[int, int]:
+    """A random (row, col) offset that keeps a rows x cols map on the 8x8 canvas."""
+    return int(rng.random() * (dqn.CANVAS - rows + 1)), int(rng.random() * (dqn.CANVAS - cols + 1))
 
 
 def play_maps(model, adapter, fmt, maps, context_len, seed) -> list[list[dqn.Episode]]:
@@ -474,6 +478,23 @@ def play_maps(model, adapter, fmt, maps, context_len, seed) -> list[list[dqn.Epi
     return [[dqn.Episode(obs, acts, [0.0] * (len(acts) - 1) + [won], trunc, ncol=len(maps[r][0]))
              for obs, acts, won, trunc in zip(out["paths"][r], out["actions"][r], out["success"][r],
                                               out["truncated"][r])] for r in range(len(maps))]
+
+
+def online_round_maps(cfg: TrainConfig, step: int) -> list[list[str]]:
+    """The training maps the model plays in the online round at this step (a seeded draw per round)."""
+    return random.Random(f"{cfg.seed}/online{step}").sample(frozenlake.train_maps(cfg.n_maps),
+                                                           min(cfg.online_maps, cfg.n_maps))
+
+
+def online_sets_placed(cfg: TrainConfig, step: int, sets: list[list[dqn.Episode]], canvas_stage: bool):
+    """The episode sets the model played in the round at `step`, as the data of the current stage: the model plays at
+    the canvas origin (as evaluate.py does), so in the canvas stage each map's set moves to a random offset on the
+    canvas, one per set, as the Q-learner's training sets do (load_episode_sets)."""
+    if not canvas_stage:
+        return sets
+    rng = random.Random(f"{cfg.seed}/online{step}/canvas")
+    offsets = [canvas_offset(len(m), len(m[0]), rng) for m in online_round_maps(cfg, step)]
+    return [[dqn.to_canvas(ep, *at) for ep in eps] for at, eps in zip(offsets, sets)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -819,15 +840,15 @@ def train(cfg: TrainConfig) -> Path:
         return out
 
     def online_round():  # every rank plays the same maps with the same weights: identical pools, no communication
-        maps = random.Random(f"{cfg.seed}/online{step}").sample(frozenlake.train_maps(cfg.n_maps),
-                                                               min(cfg.online_maps, cfg.n_maps))
+        maps = online_round_maps(cfg, step)
         online_sets.append((step, play_maps(model, adapter, fmt, maps, cfg.context_len, seed=step)))
         del online_sets[:-cfg.online_keep]
         return pack_online()
 
     def pack_online():
         return [sl for s, sets in online_sets
-                for sl in dqn.pack_slices(sets, fmt, cfg.context_len, random.Random(f"{cfg.seed}/online{s}"), plan,
+                for sl in dqn.pack_slices(online_sets_placed(cfg, s, sets, cfg.canvas and step >= canvas_start), fmt,
+                                          cfg.context_len, random.Random(f"{cfg.seed}/online{s}"), plan,
                                           cfg.proven_floor, cfg.settled_hops)]
     online_pool = pack_online()
 
@@ -882,6 +903,8 @@ def train(cfg: TrainConfig) -> Path:
                 if rank == 0:
                     log.write(json.dumps(record) + "\n")
             while step < total_steps:
+                if online_pool and cfg.canvas and step == canvas_start:  # the kept rounds move on the canvas too
+                    online_pool = pack_online()
                 if cfg.online_every and step % cfg.online_every == 0 and step > 0:
                     t_play = time.perf_counter()
                     online_pool = online_round()

@@ -528,10 +528,37 @@ def test_canvas_stage_starts_at_a_share_of_the_run(tmp_path):
     assert train.canvas_stage_start(dataclasses.replace(cfg, canvas=False), 1250) == 0
     with pytest.raises(ValueError, match="--canvas-from 1.0 is the share of the steps before the canvas stage"):
         train.train(tiny(tmp_path, canvas_from=1.0))
-    with pytest.raises(ValueError, match="--online-every with a first stage"):
-        train.train(tiny(tmp_path, online_every=2))
+    with pytest.raises(ValueError, match="--online-every with an ordinary first stage"):
+        train.train(tiny(tmp_path, online_every=2, canvas_first_stage="ordinary"))
+    train.check_config(tiny(tmp_path, online_every=2))  # the origin stage: the model plays where it trains
     train.check_config(tiny(tmp_path, online_every=2, canvas_from=0.0))  # canvas offsets from the start: can play
     train.check_config(tiny(tmp_path, online_every=2, canvas=False))
+
+
+def test_online_sets_move_on_the_canvas_in_the_canvas_stage(tmp_path):
+    """The model plays each online map at the canvas origin, as evaluate.py; in the first stage its episodes stay
+    there, in the canvas stage each map's set moves to one random offset that keeps the map on the 8x8 canvas."""
+    cfg = tiny(tmp_path, online_maps=3)
+    maps = train.online_round_maps(cfg, 250)
+    assert maps == random.Random("0/online250").sample(frozenlake.train_maps(4), 3)
+    sets = [train.q_learning_episodes(desc, 5, 0.5, 0.95, random.Random(i)) for i, desc in enumerate(maps)]
+    for desc, eps in zip(maps, sets):
+        for ep in eps:
+            ep.ncol = len(desc[0])  # as play_maps writes them
+    assert train.online_sets_placed(cfg, 250, sets, canvas_stage=False) is sets
+    placed = train.online_sets_placed(cfg, 250, sets, canvas_stage=True)
+    assert placed == train.online_sets_placed(cfg, 250, sets, canvas_stage=True)  # seeded by the round
+    moved = 0
+    for desc, eps, eps_placed in zip(maps, sets, placed):
+        rows, cols = len(desc), len(desc[0])
+        found = {(s_new // 8 - s // cols, s_new % 8 - s % cols)
+                 for ep, ep_placed in zip(eps, eps_placed) for s, s_new in zip(ep.observations, ep_placed.observations)}
+        (dr, dc), = found  # one offset for the whole set
+        assert 0 <= dr <= 8 - rows and 0 <= dc <= 8 - cols
+        assert all(ep.ncol == 8 and ep.actions == ep0.actions and ep.rewards == ep0.rewards
+                   for ep, ep0 in zip(eps_placed, eps))
+        moved += (dr, dc) != (0, 0)
+    assert moved  # 3 maps of at most 5 x 5 on an 8 x 8 canvas: at least one leaves the origin
 
 
 def test_novelty_bonus_reaches_the_td_loss(tmp_path):
