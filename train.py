@@ -903,8 +903,6 @@ def train(cfg: TrainConfig) -> Path:
                 if rank == 0:
                     log.write(json.dumps(record) + "\n")
             while step < total_steps:
-                if online_pool and cfg.canvas and step == canvas_start:  # the kept rounds move on the canvas too
-                    online_pool = pack_online()
                 if cfg.online_every and step % cfg.online_every == 0 and step > 0:
                     t_play = time.perf_counter()
                     online_pool = online_round()
@@ -912,6 +910,8 @@ def train(cfg: TrainConfig) -> Path:
                     if rank == 0:
                         log.write(json.dumps({"step": step, "online_greedy_success": sum(won) / max(len(won), 1),
                                               "online_seconds": time.perf_counter() - t_play}) + "\n")
+                elif online_pool and cfg.canvas and step == canvas_start:  # the kept rounds move on the canvas too
+                    online_pool = pack_online()
                 t0 = time.perf_counter()
                 lr = learning_rate(cfg, step, total_steps)
                 for group in optimizer.param_groups:
