@@ -480,6 +480,13 @@ def play_maps(model, adapter, fmt, maps, context_len, seed) -> list[list[dqn.Epi
                                               out["truncated"][r])] for r in range(len(maps))]
 
 
+def heldout_slices(cfg: TrainConfig, fmt) -> list[dqn.Slice]:
+    """The held-out maps' episode sets packed as the training sets are (with the planner's values where the targets
+    use them): the held-out TD loss reads the first --eval-slices of them."""
+    return dqn.pack_slices(load_episode_sets(cfg, "heldout"), fmt, cfg.context_len, random.Random(cfg.seed),
+                           planner_arguments(cfg), cfg.proven_floor, cfg.settled_hops)
+
+
 def online_round_maps(cfg: TrainConfig, step: int) -> list[list[str]]:
     """The training maps the model plays in the online round at this step (a seeded draw per round)."""
     return random.Random(f"{cfg.seed}/online{step}").sample(frozenlake.train_maps(cfg.n_maps),
@@ -790,11 +797,9 @@ def train(cfg: TrainConfig) -> Path:
         f, train_sets = trajectory_format(c, tokenizer), load_episode_sets(c, "train")
         if c.relabel_states:
             train_sets = relabel_states(train_sets, random.Random(f"{c.seed}/relabel"))
-        heldout = dqn.pack_slices(load_episode_sets(c, "heldout"), f, c.context_len, random.Random(c.seed), plan,
-                                  c.proven_floor, c.settled_hops)
         return (dqn.pack_slices(train_sets, f, c.context_len, random.Random(c.seed), plan, c.proven_floor,
                                 c.settled_hops),
-                heldout[:c.eval_slices][rank::world])
+                heldout_slices(c, f)[:c.eval_slices][rank::world])
     slices, heldout = packed(cfg)
     total_steps = cfg.steps or max(1, int(cfg.epochs * len(slices) // cfg.slices_per_step))
     # --canvas-from: the steps before canvas_start train, and report the held-out loss, on --canvas-first-stage's

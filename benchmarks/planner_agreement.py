@@ -9,7 +9,6 @@ any success, against their target 30·u. An analysis, not a benchmark; the READM
 import argparse
 import collections
 import os
-import random
 import sys
 
 import torch
@@ -44,8 +43,7 @@ def agreement(run: str) -> tuple[dict, list[float], float]:
     if cfg.targets not in ("optimistic", "planner"):
         raise SystemExit(f"{run}: --targets {cfg.targets} has no planner values; this needs optimistic or planner")
     model, adapter, _, fmt = train.load_policy(run)
-    slices = dqn.pack_slices(train.load_episode_sets(cfg, "heldout"), fmt, cfg.context_len, random.Random(cfg.seed),
-                             train.planner_arguments(cfg), cfg.proven_floor, cfg.settled_hops)
+    slices = train.heldout_slices(cfg, fmt)
     q, action_ids = [], torch.tensor(fmt.action_ids)
     with torch.no_grad():
         for i in range(0, len(slices), 4):
