@@ -332,6 +332,7 @@ class Slice:
     hopped: list[list[bool]] = field(default_factory=list)      # which are settled only by a path of <= hops moves
     proven: list[float] = field(default_factory=list)  # the taken action's value along known moves only (untried 0)
     walls: list[list[bool]] = field(default_factory=list)  # which of the 4 moves are known to leave the state unchanged
+    facts: list[list[int]] = field(default_factory=list)   # each move: 0 untried, 1 dead end, 2 open (ContextModel.facts)
     seen: set = field(default_factory=set, repr=False)     # states written in this slice so far
     lake: planner.ContextModel = field(default_factory=planner.ContextModel, repr=False)  # what the slice shows
 
@@ -361,6 +362,7 @@ def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[
             if proven:  # a second plan (untried worth 0): only when asked, it doubles the planning at start-up
                 s.proven.append(s.lake.q(obs, plan[0], 0.0)[a])
             s.walls.append(s.lake.walls(obs))
+            s.facts.append(s.lake.facts(obs))
             s.lake.learn(obs, a, nxt, t == n - 1 and not ep.truncated, r)
 
 
@@ -411,7 +413,7 @@ def collate(slices: list[Slice], pad_id: int) -> dict[str, torch.Tensor]:
            "novel": torch.zeros(B, P), "planner_q": torch.zeros(B, P, 4),
            "settled": torch.zeros(B, P, 4, dtype=torch.bool), "hopped": torch.zeros(B, P, 4, dtype=torch.bool),
            "proven": torch.zeros(B, P),
-           "walls": torch.zeros(B, P, 4, dtype=torch.bool),
+           "walls": torch.zeros(B, P, 4, dtype=torch.bool), "facts": torch.zeros(B, P, 4, dtype=torch.long),
            "lm_mask": torch.zeros(B, T, dtype=torch.bool)}
     for b, s in enumerate(slices):
         n = len(s.actions)
@@ -427,6 +429,7 @@ def collate(slices: list[Slice], pad_id: int) -> dict[str, torch.Tensor]:
             if s.proven:
                 out["proven"][b, :n] = torch.tensor(s.proven)
             out["walls"][b, :n] = torch.tensor(s.walls)
+            out["facts"][b, :n] = torch.tensor(s.facts)
         out["mask"][b, :n] = True
     return out
 
@@ -480,6 +483,18 @@ def next_token_loss(logits, batch) -> torch.Tensor:
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["tokens"][:, 1:].flatten().to(logits.device),
                           reduction="none").view(mask.shape)                               # (B, T-1)
     return (nll * mask).sum() / mask.sum().clamp(min=1)
+
+
+FACT_PROBES = [f"<|reserved_special_token_{i}|>" for i in range(10, 22)]  # 4 moves x (untried, dead end, open)
+
+
+def facts_loss(logits_at_q, batch) -> torch.Tensor:
+    """Our auxiliary loss (not the paper's): at each Q position, cross-entropy of what the context shows about each
+    of the 4 moves (Slice.facts) against the LM-head logits of the 12 FACT_PROBES tokens, (B, P, 12) -> ()."""
+    mask = batch["mask"].to(logits_at_q.device).float()                                     # (B, P)
+    nll = F.cross_entropy(logits_at_q.float().view(*mask.shape, 4, 3).flatten(0, 2),
+                          batch["facts"].to(logits_at_q.device).flatten(), reduction="none")
+    return (nll.view(*mask.shape, 4).mean(-1) * mask).sum() / mask.sum().clamp(min=1)
 
 
 def td_loss(q_online, targets, batch, normalize_by_mean_target=False, action_mask=None) -> torch.Tensor:

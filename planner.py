@@ -95,6 +95,15 @@ class ContextModel:
         deterministic lake, since its value γ·V(s) is below V(s) whenever V(s) > 0."""
         return [self.moves.get((s, a)) == s for a in range(4)]
 
+    def facts(self, s: int) -> list[int]:
+        """[what the context shows about a] for a in 0..3: 0 untried, 1 a dead end (known to enter a hole or to bump
+        into the edge), 2 open (known to reach another tile or the goal): the one-lookup facts of the move."""
+        out = []
+        for a in range(4):
+            t = self.moves.get((s, a))
+            out.append(0 if t is None else 1 if t == s or self.ends.get(t, 1) == 0 else 2)
+        return out
+
     def settled(self, s: int, hops: int = 0) -> list[bool]:
         """[a is untried, or known to end the episode] for a in 0..3: the moves whose value is one lookup away
         (u, or the end's reward), not a path through the lake; with hops = H > 0 also a known move off s to a state

@@ -187,6 +187,9 @@ class TrainConfig:
                                   "paper's)")
     aux_lm: float = option(30.0, "weight of an auxiliary next-token loss at the non-Q positions (next observation, "
                            "hole/goal, recap: dqn.next_token_loss; not the paper's), added to the TD loss (0: off)")
+    aux_facts: float = option(0.0, "with --aux-lm > 0: weight of an auxiliary loss at the Q positions naming what the "
+                              "context shows about each of the 4 moves (untried, dead end, open: dqn.facts_loss), "
+                              "read from 12 reserved tokens' logits (0: off; not the paper's)")
     normalize_by_mean_target: bool = option(False, "divide the TD error by the detached mean target (authors' code)")
     # online rollouts (the paper's proposed fix for looping, §4.6; not in its experiments)
     online_every: int = option(0, "every N steps the current model plays --online-maps training maps under the "
@@ -278,6 +281,9 @@ def check_config(cfg: TrainConfig):
         raise ValueError(f"--ema {cfg.ema} is the average's decay per step: give a number in [0, 1) (0: off)")
     if cfg.untried_steps < 0:
         raise ValueError(f"--untried-steps is a number of steps (the untried value is γ^N), got {cfg.untried_steps}")
+    if cfg.aux_facts and (cfg.aux_lm <= 0 or cfg.format != "compact" or cfg.preset != "cpu"):
+        raise ValueError("--aux-facts reads the full logits of the cpu preset's compact format: use it with "
+                         "--aux-lm > 0 and --format compact on the cpu preset")
     if cfg.aux_lm < 0:
         raise ValueError(f"--aux-lm is a loss weight, got {cfg.aux_lm}: use 0 to turn the next-token loss off")
     if cfg.online_every < 0 or not 0.0 <= cfg.online_share <= 1.0 or cfg.online_maps < 1 or cfg.online_keep < 1:
@@ -722,11 +728,11 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
 
 def planner_arguments(cfg: TrainConfig) -> tuple[float, float] | None:
     """(γ, untried value) for dqn.pack_slices when the targets are the context planner's, else None."""
-    planned = cfg.targets in ("optimistic", "planner") or cfg.proven_floor
+    planned = cfg.targets in ("optimistic", "planner") or cfg.proven_floor or cfg.aux_facts > 0
     return (cfg.gamma, cfg.gamma ** cfg.untried_steps) if planned else None
 
 
-def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, autocast, aux_lm=0.0):
+def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, autocast, aux_lm=0.0, fact_ids=None):
     """Eq. 6-7 on one collated batch: online Q (with grad), target Q (no grad), double-DQN targets, MSE
     (--targets mc / optimistic / planner: the Monte-Carlo returns, plus or instead the context planner's values of
     the batch, no target forward). -> (TD loss, next-token loss or None):
@@ -738,6 +744,9 @@ def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, a
             at = batch["q_positions"][..., None].expand(-1, -1, logits.shape[-1])             # (B, P, V)
             q_online = logits.gather(1, at)[..., action_ids].float()                          # (B, P, 4)
             aux = dqn.next_token_loss(logits, batch)
+            if fact_ids is not None and cfg.aux_facts > 0:  # weighted so that the caller's aux_lm · aux adds both
+                facts = dqn.facts_loss(logits.gather(1, at)[..., fact_ids], batch)            # (B, P, 12) -> ()
+                aux = aux + cfg.aux_facts / aux_lm * facts
         else:
             q_online = dqn.q_values(model, batch["tokens"], batch["q_positions"], action_ids, adapter)  # (B, P, 4)
     if cfg.targets == "planner":
@@ -790,6 +799,7 @@ def train(cfg: TrainConfig) -> Path:
     model, adapter, target, target_adapter, tokenizer = build_policy(cfg, device, resume_from)
     fmt = trajectory_format(cfg, tokenizer)
     pad_id = fmt.eos[0]  # right padding: causal attention keeps real tokens from seeing it
+    fact_ids = [fmt.ids[n] for n in dqn.FACT_PROBES] if cfg.aux_facts > 0 else None
 
     plan = planner_arguments(cfg)
 
@@ -927,7 +937,7 @@ def train(cfg: TrainConfig) -> Path:
                 for i in range(0, per_rank, cfg.micro_batch):
                     batch = to_device(dqn.collate(mine[i:i + cfg.micro_batch], pad_id))
                     loss, aux = td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, autocast,
-                                           cfg.aux_lm)
+                                           cfg.aux_lm, fact_ids)
                     share = len(mine[i:i + cfg.micro_batch]) / cfg.slices_per_step  # mean over the global step
                     ((loss + cfg.aux_lm * aux if aux is not None else loss) * share).backward()
                     loss_sum += loss.detach().float() * share

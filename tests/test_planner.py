@@ -419,3 +419,37 @@ def test_planner_agreement_scores_the_greedy_move_against_the_planner(compact):
     ties = sum(max(v) == min(v) for sl in slices for v in sl.planner_q)
     negated, _ = agreement.score(slices, [-q for q in exact], U)
     assert sum(n * share for n, share in negated.values()) == pytest.approx(ties)
+
+
+def test_move_facts_by_hand():
+    """ContextModel.facts: 0 untried, 1 a dead end (a known hole or bump into the edge), 2 open (a tile or the goal)."""
+    lake = planner.ContextModel()
+    assert lake.facts(0) == [0, 0, 0, 0]
+    lake.learn_episode(Episode([0, 0, 1, 5], [UP, RIGHT, DOWN], [0.0, 0.0, 0.0]))  # edge, then 0 → 1 → hole 5
+    assert lake.facts(0) == [0, 0, 2, 1]
+    assert lake.facts(1) == [0, 1, 0, 0]
+    lake.learn_episode(Episode([1, 2], [RIGHT], [1.0]))  # 1 → 2, the goal: open
+    assert lake.facts(1) == [0, 1, 2, 0]
+
+
+def test_aux_facts_loss_by_hand(tmp_path):
+    """--aux-facts: at each Q position, cross-entropy over each move's 3 probe logits against what the context showed
+    before the step, averaged over moves and positions, added to the next-token loss at weight aux_facts / aux_lm."""
+    from test_train import tiny
+    cfg = tiny(tmp_path, targets="optimistic", aux_lm=2.0, aux_facts=3.0, canvas=False)
+    tok = train.small_tokenizer(cfg.format)
+    fmt = train.trajectory_format(cfg, tok)
+    model = train.small_model(cfg, tok.n_words, tok.special_tokens)
+    ep = Episode([0, 0, 1, 3], [UP, RIGHT, DOWN], [0.0, 0.0, 1.0])
+    batch = dqn.collate(dqn.pack_slices([[ep, ep]], fmt, 160, random.Random(0), train.planner_arguments(cfg)),
+                        fmt.eos[0])
+    facts = [[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 2, 1], [0, 0, 2, 1], [0, 2, 0, 0]]
+    assert batch["facts"][0, :6].tolist() == facts
+    ids, probes = torch.tensor(fmt.action_ids), [fmt.ids[n] for n in dqn.FACT_PROBES]
+    _, lm_only = train.td_loss_on(batch, model, None, model, None, ids, cfg, contextlib.nullcontext, cfg.aux_lm)
+    _, both = train.td_loss_on(batch, model, None, model, None, ids, cfg, contextlib.nullcontext, cfg.aux_lm, probes)
+    logits = model(batch["tokens"])[0, batch["q_positions"][0, :6]][:, probes].view(6, 4, 3)
+    ce = -sum(logits[p, a].log_softmax(-1)[k] for p, row in enumerate(facts) for a, k in enumerate(row)) / 24
+    assert both.item() == pytest.approx(lm_only.item() + 3.0 / 2.0 * ce.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="--aux-lm > 0"):
+        train.check_config(dataclasses.replace(cfg, aux_lm=0.0))
