@@ -742,11 +742,11 @@ def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, a
         if aux_lm > 0:
             logits = model(batch["tokens"], adapter=adapter)                                  # (B, T, V)
             at = batch["q_positions"][..., None].expand(-1, -1, logits.shape[-1])             # (B, P, V)
-            q_online = logits.gather(1, at)[..., action_ids].float()                          # (B, P, 4)
+            at_q = logits.gather(1, at)                                                       # (B, P, V)
+            q_online = at_q[..., action_ids].float()                                          # (B, P, 4)
             aux = dqn.next_token_loss(logits, batch)
-            if fact_ids is not None and cfg.aux_facts > 0:  # weighted so that the caller's aux_lm · aux adds both
-                facts = dqn.facts_loss(logits.gather(1, at)[..., fact_ids], batch)            # (B, P, 12) -> ()
-                aux = aux + cfg.aux_facts / aux_lm * facts
+            if fact_ids is not None:  # weighted so that the caller's aux_lm · aux adds both
+                aux = aux + cfg.aux_facts / aux_lm * dqn.facts_loss(at_q[..., fact_ids], batch)  # (B, P, 12) -> ()
         else:
             q_online = dqn.q_values(model, batch["tokens"], batch["q_positions"], action_ids, adapter)  # (B, P, 4)
     if cfg.targets == "planner":
