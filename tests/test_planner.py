@@ -311,6 +311,18 @@ def test_optimistic_targets_by_hand(tmp_path):
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+def edge_then_goal_batch(cfg):
+    """(format, fresh model, batch) of two copies of one success on a 2 x 2 lake, packed with cfg's planner:
+    0 →(up, the edge) 0 →(right) 1 →(down) 3, the goal."""
+    tok = train.small_tokenizer(cfg.format)
+    fmt = train.trajectory_format(cfg, tok)
+    model = train.small_model(cfg, tok.n_words, tok.special_tokens)
+    ep = Episode([0, 0, 1, 3], [UP, RIGHT, DOWN], [0.0, 0.0, 1.0])
+    batch = dqn.collate(dqn.pack_slices([[ep, ep]], fmt, 160, random.Random(0), train.planner_arguments(cfg)),
+                        fmt.eos[0])
+    return fmt, model, batch
+
+
 def test_wall_targets_value_a_known_bump_into_the_edge_at_0(tmp_path):
     """--wall-targets: a move the context shows to leave the state unchanged is regressed on 0, taken or not (its
     episode's return does not count), before it is known it is an untried move like any other. Two copies of one
@@ -318,12 +330,7 @@ def test_wall_targets_value_a_known_bump_into_the_edge_at_0(tmp_path):
     from test_train import tiny
     cfg = tiny(tmp_path, targets="optimistic", wall_targets=True, settled_hops=0, untried_taken=False, untried_steps=3,
                canvas=False)
-    tok = train.small_tokenizer(cfg.format)
-    fmt = train.trajectory_format(cfg, tok)
-    model = train.small_model(cfg, tok.n_words, tok.special_tokens)
-    ep = Episode([0, 0, 1, 3], [UP, RIGHT, DOWN], [0.0, 0.0, 1.0])
-    batch = dqn.collate(dqn.pack_slices([[ep, ep]], fmt, 160, random.Random(0), train.planner_arguments(cfg)),
-                        fmt.eos[0])
+    fmt, model, batch = edge_then_goal_batch(cfg)
     ids = torch.tensor(fmt.action_ids)
     q = dqn.q_values(model, batch["tokens"], batch["q_positions"], ids)
     loss, _ = train.td_loss_on(batch, model, None, model, None, ids, cfg, contextlib.nullcontext)
@@ -434,15 +441,11 @@ def test_move_facts_by_hand():
 
 def test_aux_facts_loss_by_hand(tmp_path):
     """--aux-facts: at each Q position, cross-entropy over each move's 3 probe logits against what the context showed
-    before the step, averaged over moves and positions, added to the next-token loss at weight aux_facts / aux_lm."""
+    before the step, averaged over moves and positions, added to the next-token loss at weight aux_facts / aux_lm
+    (the wall test's lake: up at 0 is a dead end, right at 0 and down at 1 open)."""
     from test_train import tiny
     cfg = tiny(tmp_path, targets="optimistic", aux_lm=2.0, aux_facts=3.0, canvas=False)
-    tok = train.small_tokenizer(cfg.format)
-    fmt = train.trajectory_format(cfg, tok)
-    model = train.small_model(cfg, tok.n_words, tok.special_tokens)
-    ep = Episode([0, 0, 1, 3], [UP, RIGHT, DOWN], [0.0, 0.0, 1.0])
-    batch = dqn.collate(dqn.pack_slices([[ep, ep]], fmt, 160, random.Random(0), train.planner_arguments(cfg)),
-                        fmt.eos[0])
+    fmt, model, batch = edge_then_goal_batch(cfg)
     facts = [[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 2, 1], [0, 0, 2, 1], [0, 2, 0, 0]]
     assert batch["facts"][0, :6].tolist() == facts
     ids, probes = torch.tensor(fmt.action_ids), [fmt.ids[n] for n in dqn.FACT_PROBES]
