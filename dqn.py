@@ -238,6 +238,7 @@ class CompactFormat:
     ids: dict                                   # special-token name -> id
     style: str = "compact"
     canvas: bool = False                        # write tile (r, c) as state r·8 + c, any map width (to_canvas)
+    facts: bool = False                         # a facts token (FACT_TOKENS) after each observation: the Q position
     action_ids: list[int] = field(default_factory=list)
     bos: list[int] = field(default_factory=list)
     eos: list[int] = field(default_factory=list)
@@ -257,8 +258,14 @@ class CompactFormat:
     def observation(self, obs: int) -> list[int]:
         return [self._id(f"<|obs_{int(obs)}|>")]
 
-    def action_prompt(self) -> list[int]:  # the observation token is the Q position
-        return []
+    def action_prompt(self, facts: list[int] | None = None) -> list[int]:
+        """Nothing (the observation token is the Q position), or with facts=True the facts token of the context's
+        facts about the state's 4 moves (planner.ContextModel.facts: 0 untried, 1 dead end, 2 open)."""
+        if not self.facts:
+            return []
+        if facts is None:
+            raise ValueError("a compact format with facts tokens needs the state's facts (planner.ContextModel.facts)")
+        return [self.ids[FACT_TOKENS[facts_index(facts)]]]
 
     def action_word(self, a: int) -> list[int]:
         return [self.action_ids[a]]
@@ -271,6 +278,14 @@ class CompactFormat:
 
     def recap(self, ep: Episode) -> list[int]:
         return [self._id(f"<|recap_{s}_{ACTION_WORDS[a]}_{tag}|>") for s, a, tag in recap_steps(ep)]
+
+
+FACT_TOKENS = [f"<|reserved_special_token_{i}|>" for i in range(22, 22 + 81)]  # 3^4 fact combinations, after FACT_PROBES
+
+
+def facts_index(facts: list[int]) -> int:
+    """[f_0, f_1, f_2, f_3] (each 0..2) -> 27·f_0 + 9·f_1 + 3·f_2 + f_3, the index into FACT_TOKENS."""
+    return facts[0] * 27 + facts[1] * 9 + facts[2] * 3 + facts[3]
 
 
 CANVAS = 8  # the canvas is 8 x 8: the largest map the 64 state tokens hold
@@ -294,20 +309,28 @@ def to_canvas(ep: Episode, row_offset: int = 0, col_offset: int = 0) -> Episode:
     return Episode(states, ep.actions, ep.rewards, ep.truncated, CANVAS)
 
 
-def tokenize_episode(ep: Episode, fmt: TrajectoryFormat) -> tuple[list[int], list[int]]:
+def tokenize_episode(ep: Episode, fmt: TrajectoryFormat,
+                     lake: planner.ContextModel | None = None) -> tuple[list[int], list[int]]:
     """One episode -> (token ids, q_positions): q_positions[t] is the index of the token whose logits are Q(h_t, ·).
-    The recap (compact format only) follows the episode's end."""
+    The recap (compact format only) follows the episode's end. A format with facts tokens (CompactFormat.facts)
+    writes at each step what `lake` (the context before the episode, in written states; empty if None) and the
+    episode's earlier steps show about the state's moves; lake then learns the episode. The facts never change the
+    length."""
     check_episode(ep)
     if getattr(fmt, "canvas", False):
         ep = to_canvas(ep)
+    with_facts = getattr(fmt, "facts", False)
+    lake = planner.ContextModel() if lake is None and with_facts else lake
     tokens = fmt.episode_start() + fmt.observation(ep.observations[0])
-    q_positions = []
-    for a, next_obs, r in zip(ep.actions, ep.observations[1:], ep.rewards):
-        tokens += fmt.action_prompt()
+    q_positions, n = [], len(ep.actions)
+    for t, (s, a, next_obs, r) in enumerate(zip(ep.observations, ep.actions, ep.observations[1:], ep.rewards)):
+        tokens += fmt.action_prompt(lake.facts(s) if with_facts else None)
         q_positions.append(len(tokens) - 1)
         tokens += fmt.action_word(a) + fmt.observation(next_obs)
         if r != 0:
             tokens += fmt.reward(r)
+        if with_facts:
+            lake.learn(s, a, next_obs, t == n - 1 and not ep.truncated, r)
     tokens += fmt.episode_end(ep.truncated) + fmt.recap(ep)
     return tokens, q_positions
 
@@ -334,6 +357,8 @@ class Slice:
     walls: list[list[bool]] = field(default_factory=list)  # which of the 4 moves are known to leave the state unchanged
     facts: list[list[int]] = field(default_factory=list)   # each move: 0 untried, 1 dead end, 2 open (ContextModel.facts)
     seen: set = field(default_factory=set, repr=False)     # states written in this slice so far
+    written: planner.ContextModel = field(default_factory=planner.ContextModel, repr=False)  # in written states:
+    #                                                        the facts tokens' source (CompactFormat.facts)
     lake: planner.ContextModel = field(default_factory=planner.ContextModel, repr=False)  # what the slice shows
 
 
@@ -390,6 +415,8 @@ def pack_slices(episode_sets: list[list[Episode]], fmt: TrajectoryFormat, contex
             if len(current.tokens) + len(tokens) > context_len:
                 slices.append(current)
                 current = Slice()
+            if getattr(fmt, "facts", False):  # the same length, now with the slice's facts
+                tokens, q_positions = tokenize_episode(ep, fmt, lake=current.written)
             _append_episode(current, ep, tokens, q_positions, plan, proven, hops)
     if current.tokens:
         slices.append(current)

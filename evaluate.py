@@ -247,6 +247,9 @@ class RowContext:
     cur_start: int | None = None                 # index in tokens where the unfinished episode starts (None = none)
     step_offsets: list = field(default_factory=list)  # index of each of its steps' observation block
     first_step: int = 0                          # its step the context starts from (> 0 after an in-episode trim)
+    lake: planner.ContextModel = field(default_factory=planner.ContextModel)  # the finished episodes, in written
+    #                                              states: the facts tokens' source (CompactFormat.facts; kept on a trim)
+    cur_lake: planner.ContextModel | None = None  # the same and the unfinished episode's steps so far
 
 
 class ModelPolicy:
@@ -284,11 +287,13 @@ class ModelPolicy:
         st.tokens += fmt.observation(self._state(episode, -1))
         if episode.rewards[-1] != 0:
             st.tokens += fmt.reward(episode.rewards[-1])
+        st.cur_lake.learn(self._state(episode, -2), episode.actions[-1], self._state(episode, -1), terminated,
+                          episode.rewards[-1])
         if done:
             st.tokens += fmt.episode_end(episode.truncated)
             self._close_episode(st, episode, start=st.cur_start, built=len(st.tokens) - st.cur_start)
         else:
-            st.tokens += fmt.action_prompt()
+            st.tokens += self._prompt(st, episode)
 
     def _close_episode(self, st, episode, start, built):
         """Replace the incrementally built episode by dqn.tokenize_episode's text (the training text); normally equal,
@@ -297,7 +302,7 @@ class ModelPolicy:
         if k:
             episode = Episode(episode.observations[k:], episode.actions[k:], episode.rewards[k:], episode.truncated,
                               ncol=episode.ncol)
-        text, _ = tokenize_episode(episode, self.fmt)
+        text, _ = tokenize_episode(episode, self.fmt, lake=st.lake)  # st.lake learns it (facts tokens)
         old = st.tokens[start:start + built]
         same = next((i for i, (x, y) in enumerate(zip(old, text)) if x != y), min(len(old), len(text)))
         st.fed = min(st.fed, start + same)
@@ -313,12 +318,17 @@ class ModelPolicy:
                 st.cur_start = len(st.tokens)
                 st.tokens += self.fmt.episode_start()
                 st.step_offsets = [len(st.tokens)]
-                st.tokens += self.fmt.observation(self._state(ep, -1)) + self.fmt.action_prompt()
+                st.cur_lake = st.lake.copy()
+                st.tokens += self.fmt.observation(self._state(ep, -1)) + self._prompt(st, ep)
             if len(st.tokens) > self.limit:
                 self._trim(st)
         with torch.inference_mode():
             q = self._q_recompute(rows) if self.recompute else self._q_cached(rows)  # (len(rows), 4)
         return q.argmax(-1).tolist()
+
+    def _prompt(self, st, episode):  # the action prompt; a facts format writes what the context shows about the state
+        facts = st.cur_lake.facts(self._state(episode, -1)) if getattr(self.fmt, "facts", False) else None
+        return self.fmt.action_prompt(facts)
 
     def _state(self, episode, t):  # the state number the format writes (the canvas tile under a canvas format)
         s = episode.observations[t]

@@ -61,6 +61,9 @@ class ContextModel:
         if changed:
             self._plans.clear()
 
+    def copy(self) -> "ContextModel":
+        return ContextModel(dict(self.moves), dict(self.ends))
+
     def learn_episode(self, ep):
         """Every step of a finished or unfinished dqn.Episode; its last step ends it unless it was truncated."""
         n = len(ep.actions)

@@ -127,6 +127,9 @@ class TrainConfig:
     format: str = option("compact", "cpu model's trajectory format: paper (the paper's text blocks) or compact (one "
                      "token per observation/action/outcome + a hindsight recap per episode, dqn.CompactFormat)",
                      choices=("paper", "compact"))
+    facts_tokens: bool = option(False, "compact format: after each observation a token naming what the context shows "
+                                "about the state's 4 moves (untried, dead end, open: planner.ContextModel.facts), "
+                                "the Q position (dqn.FACT_TOKENS; not the paper's)")
     canvas: bool = option(True, "compact format: write tile (row, col) as state row·8 + col (dqn.to_canvas), each "
                           "training set at a random offset on the 8x8 canvas, so larger maps meet learned tokens")
     canvas_from: float = option(0.6, "with --canvas: this share of the run's steps trains on --canvas-first-stage's "
@@ -259,6 +262,8 @@ def check_config(cfg: TrainConfig):
     if cfg.format == "compact" and cfg.preset != "cpu":
         raise ValueError(f"--format compact needs the cpu preset's own vocabulary; {cfg.preset} writes the paper's "
                          f"text with its base model's tokenizer: drop --format or use --preset cpu")
+    if cfg.facts_tokens and cfg.format != "compact":
+        raise ValueError("--facts-tokens is a token of the compact format: use it with --format compact (cpu preset)")
     if cfg.canvas and cfg.format != "compact":
         raise ValueError("--canvas writes the compact format's state tokens: add --no-canvas for --format paper, or "
                          "--format compact (cpu preset)")
@@ -696,6 +701,8 @@ def trajectory_format(cfg: TrainConfig, tokenizer) -> "dqn.TrajectoryFormat | dq
     fmt = dqn.TrajectoryFormat.for_tokenizer(tokenizer)
     if cfg.canvas:
         fmt.canvas = True
+    if cfg.facts_tokens:
+        fmt.facts = True
     return fmt
 
 

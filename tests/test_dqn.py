@@ -453,3 +453,34 @@ def test_novelty_bonus_by_hand(compact):
     # bonus 2 · (novel_t + 0.5 novel_t+1 + ...): 1.625, 1.25, 0.5, 1 within the first episode, 1 for the second
     with_bonus = dqn.monte_carlo_targets(batch, gamma=0.5, reward_scale=30.0, novelty_bonus=2.0)
     torch.testing.assert_close(with_bonus - plain, torch.tensor([[3.25, 2.5, 1.0, 2.0, 2.0]]))
+
+
+def test_facts_tokens_by_hand(compact):
+    """--facts-tokens: after each observation one token naming what the context shows about the state's 4 moves
+    (0 untried, 1 dead end, 2 open), the Q position; the first episode of a slice starts from an empty context."""
+    tok, fmt = compact
+    facts_fmt = dqn.CompactFormat(fmt.ids, facts=True)
+
+    def fact(f):  # [left, down, right, up]
+        return fmt.ids[f"<|reserved_special_token_{22 + 27 * f[0] + 9 * f[1] + 3 * f[2] + f[3]}|>"]
+
+    # a 4-wide map: 0 -right-> 1 -left-> 0 -up-> 0 (the edge) -down-> 4 (a hole)
+    first = Episode([0, 1, 0, 0, 4], [RIGHT, LEFT, UP, DOWN], [0, 0, 0, 0], False)
+    # then 0 -right-> 1 -down-> 5 (the goal)
+    second = Episode([0, 1, 5], [RIGHT, DOWN], [0, 1.0], False)
+    tokens, q = dqn.tokenize_episode(first, facts_fmt)
+    plain, plain_q = dqn.tokenize_episode(first, fmt)
+    assert len(tokens) == len(plain) + 4 and [p - i - 1 for i, p in enumerate(q)] == plain_q  # one more per step
+    assert [tokens[p] for p in q] == [fact([0, 0, 0, 0]), fact([0, 0, 0, 0]), fact([0, 0, 2, 0]),
+                                      fact([0, 0, 2, 1])]  # 0's right is open (to 1), then its up is the edge
+    assert [tokens[p - 1] for p in q] == [fmt.ids[f"<|obs_{s}|>"] for s in (0, 1, 0, 0)]
+    assert [tokens[p + 1] for p in q] == [fmt.action_ids[a] for a in first.actions]
+    # in one slice (sets keep their order) the second episode reads the first: at 0, down is a hole and up the edge;
+    # at 1, left is open
+    (sl,) = dqn.pack_slices([[first], [second]], facts_fmt, 1024, random.Random(0))
+    assert sl.tokens[sl.q_positions[4]] == fact([0, 1, 2, 1]) and sl.tokens[sl.q_positions[5]] == fact([2, 0, 0, 0])
+    # a new slice forgets: the same two episodes in slices too short for both
+    slices = dqn.pack_slices([[first], [second]], facts_fmt, 20, random.Random(0))
+    assert len(slices) == 2 and slices[1].tokens[slices[1].q_positions[0]] == fact([0, 0, 0, 0])
+    with pytest.raises(ValueError, match="needs the state's facts"):
+        facts_fmt.action_prompt()
