@@ -176,7 +176,7 @@ class TrajectoryFormat:
     def observation(self, obs: int) -> list[int]:
         return self.block("observation", str(int(obs)))
 
-    def action_prompt(self) -> list[int]:  # its last token predicts the action word: the Q position
+    def action_prompt(self, facts=None) -> list[int]:  # its last token predicts the action word: the Q position
         return self.header("action")
 
     def action_word(self, a: int) -> list[int]:

@@ -35,7 +35,7 @@ Deliberate deviations from the paper (arXiv 2501.14176):
   saves to be played is the moving average of the weights over the last ≈ 100 steps (--ema 0.99; the paper plays
   its trained weights): the best id/ood balance we measured on the CPU (README, Results, where the numbers live:
   tabular Q-learning 0.49 / 0.21, the paper's text and targets on this model 0.09).
-  `--no-canvas --format paper --targets dqn --lr 1e-3 --aux-lm 0 --ema 0` is the paper's recipe on the same model.
+  `--no-canvas --no-facts-tokens --format paper --targets dqn --lr 1e-3 --aux-lm 0 --ema 0` is the paper's recipe on the same model.
 - Optional online rounds (--online-every): the model's own episodes join the data (the paper's §4.6 proposal).
 - Optional --set-order chronological keeps the Q-learner's episode order inside a set (the paper shuffles).
 - Optional --targets mc (Monte-Carlo returns alone, the previous default) or planner (all four actions on the context
@@ -127,7 +127,7 @@ class TrainConfig:
     format: str = option("compact", "cpu model's trajectory format: paper (the paper's text blocks) or compact (one "
                      "token per observation/action/outcome + a hindsight recap per episode, dqn.CompactFormat)",
                      choices=("paper", "compact"))
-    facts_tokens: bool = option(False, "compact format: after each observation a token naming what the context shows "
+    facts_tokens: bool = option(True, "compact format: after each observation a token naming what the context shows "
                                 "about the state's 4 moves (untried, dead end, open: planner.ContextModel.facts), "
                                 "the Q position (dqn.FACT_TOKENS; not the paper's)")
     canvas: bool = option(True, "compact format: write tile (row, col) as state row·8 + col (dqn.to_canvas), each "
@@ -212,7 +212,7 @@ class TrainConfig:
     progress: bool = option(True, "show the tqdm progress bar")
 
 
-PAPER = dict(format="paper", canvas=False, targets="dqn", wall_targets=False, settled_hops=0, settled_taken=False,
+PAPER = dict(format="paper", canvas=False, facts_tokens=False, targets="dqn", wall_targets=False, settled_hops=0, settled_taken=False,
              untried_taken=False, ema=0.0,
              aux_lm=0.0, context_len=4096, slices_per_step=10,
              micro_batch=1, lr=1e-2, warmup_steps=10, weight_decay=0.01, grad_clip=0.0, gamma=0.9, reward_scale=30.0, alpha=0.1, steps=0,
@@ -262,11 +262,12 @@ def check_config(cfg: TrainConfig):
     if cfg.format == "compact" and cfg.preset != "cpu":
         raise ValueError(f"--format compact needs the cpu preset's own vocabulary; {cfg.preset} writes the paper's "
                          f"text with its base model's tokenizer: drop --format or use --preset cpu")
-    if cfg.facts_tokens and cfg.format != "compact":
-        raise ValueError("--facts-tokens is a token of the compact format: use it with --format compact (cpu preset)")
     if cfg.canvas and cfg.format != "compact":
         raise ValueError("--canvas writes the compact format's state tokens: add --no-canvas for --format paper, or "
                          "--format compact (cpu preset)")
+    if cfg.facts_tokens and cfg.format != "compact":
+        raise ValueError("--facts-tokens is a token of the compact format: add --no-facts-tokens for --format paper, "
+                         "or --format compact (cpu preset)")
     if not 0.0 <= cfg.canvas_from < 1.0:
         raise ValueError(f"--canvas-from {cfg.canvas_from} is the share of the steps before the canvas stage: give a "
                          f"number in [0, 1) (0: canvas offsets from the start)")
@@ -640,6 +641,7 @@ def check_resumable(cfg: TrainConfig, run_dir: Path) -> Path:
     if ckpt is None or not ckpt.is_dir():
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir} (no 'latest' file); drop --resume to start")
     saved = json.loads((ckpt / "train_config.json").read_text())
+    saved.setdefault("facts_tokens", False)  # runs saved before the option wrote no facts tokens
     diff = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in MODEL_FIELDS
             if saved.get(k) != getattr(cfg, k)]
     if diff:
@@ -652,6 +654,7 @@ def saved_config(ckpt: Path) -> TrainConfig:
     """The TrainConfig a checkpoint was trained with. Keys this version no longer has (an option since removed) are
     dropped with a warning rather than refused, so older runs still evaluate."""
     saved = json.loads((ckpt / "train_config.json").read_text())
+    saved.setdefault("facts_tokens", False)  # runs saved before the option wrote no facts tokens
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(saved) - known)
     if unknown:

@@ -222,6 +222,29 @@ def test_canvas_context_writes_each_tile_at_row_times_8_plus_col():
         assert written == expected
 
 
+def test_facts_tokens_name_what_the_row_has_seen():
+    """With facts tokens the live context is still tokenize_episode's text (each episode written from the row's
+    earlier ones), and every facts token names, for each move of the state, what the row's history shows: untried,
+    a dead end (it entered a hole or stayed put) or open, counted here from the played episodes directly."""
+    model, fmt = tiny_model(fmt="compact")
+    fmt.canvas, fmt.facts = True, True
+    policy = Recorder(evaluate.ModelPolicy(model, fmt, context=100_000))
+    maps = [[m] for m in frozenlake.test_maps()[:2] + frozenlake.ood_maps()[:1]]
+    evaluate.run_episodes(policy, maps, [0.0, 0.0, 0.5, 1.0], seed=3, max_steps=30)
+    assert policy.policy.mismatches == 0
+    index = {fmt.ids[f"<|reserved_special_token_{22 + i}|>"]: i for i in range(81)}
+    for row, (desc,) in enumerate(maps):
+        expected, outcome = [], {}  # (tile, action) -> "dead" / "open", the latest
+        for ep in map(dqn.to_canvas, policy.episodes[row]):
+            for t, (s, a, s_next) in enumerate(zip(ep.observations, ep.actions, ep.observations[1:])):
+                f = [{None: 0, "dead": 1, "open": 2}[outcome.get((s, b))] for b in range(4)]
+                expected.append(27 * f[0] + 9 * f[1] + 3 * f[2] + f[3])
+                hole = t == len(ep.actions) - 1 and not ep.truncated and ep.rewards[-1] == 0
+                outcome[s, a] = "dead" if hole or s_next == s else "open"
+        written = [index[t] for t in policy.policy.rows[row].tokens if t in index]
+        assert written == expected and len(set(expected)) > 3
+
+
 @pytest.mark.slow
 def test_cached_batched_path_chooses_the_same_actions_as_recompute():
     """Maps of 3x3 to 7x7 in one batch, rows at different history lengths; a 300-token context forces overflows

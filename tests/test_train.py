@@ -188,6 +188,8 @@ def test_bad_input_fails_before_any_work(tmp_path):
         train.train(tiny(tmp_path, targets="dqn", novelty_bonus=1.0))
     with pytest.raises(ValueError, match="--canvas writes the compact format"):
         train.train(tiny(tmp_path, canvas=True, format="paper"))
+    with pytest.raises(ValueError, match="add --no-facts-tokens for --format paper"):
+        train.train(tiny(tmp_path, canvas=False, format="paper"))
     with pytest.raises(ValueError, match="0 <= online_share <= 1"):
         train.train(tiny(tmp_path, online_every=5, online_share=1.5, canvas_from=0.0))
     ckpt = tmp_path / "run" / "checkpoints" / "step_000002"  # a checkpoint of another model shape
@@ -337,7 +339,7 @@ def test_ia3_preset_trains_only_the_adapter(tmp_path):
     llama.save(base, tmp_path / "base")
     tok.save(tmp_path / "base")
     kw = {k: v for k, v in tiny(tmp_path).__dict__.items() if k not in train.MODEL_FIELDS and k != "lr"
-          and not k.startswith("canvas")}  # the paper's text has no canvas
+          and not k.startswith("canvas") and k != "facts_tokens"}  # the paper's text has no canvas, no facts tokens
     run = train.train(train.make_config("smollm2", **{**kw, "model_dir": str(tmp_path / "base"), "steps": 2,
                                                       "ema": 0.5}))
     ckpt = run / "checkpoints" / "step_000002"
