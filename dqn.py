@@ -55,6 +55,10 @@ default of the IA3 presets): one special token per observation, action and outco
 wall / other (`recap_steps`). A causal model cannot see, at a step, how that step's episode ended; the recap writes
 the outcome onto the (state, action) so that a later episode finds "this action from this state reached the goal" in
 one attention lookup. It is built from the episode alone (no map knowledge), so it is available at evaluation time.
+With `facts=True` (train.py's `--facts-tokens`, the cpu default) one more token follows each observation and is the
+Q position: FACT_TOKENS[facts_index(f)], f = what the context so far (the slice's earlier episodes in training, the
+row's history in evaluate.py) and the episode's earlier steps show about the state's 4 moves, 0 untried, 1 dead end,
+2 open (planner.ContextModel.facts). "Untried" is an absence in the context, which the small model read poorly.
 
 Deviations and options: `monte_carlo_targets` regresses Q on the discounted return of the action's own episode
 (y = reward_scale · γ^(T−1−t) · R) instead of Eq. 6, without a target network;
@@ -234,7 +238,8 @@ class CompactFormat:
     <|truncated|> an episode cut by the step limit; a hole is the last observation with neither. The recap
     (recap_steps) is one token <|recap_S_W_TAG|> per distinct (s, a). Why: under causal attention a step cannot see
     how its own episode ended, so a later episode can only learn "this action led to the goal" by reading a whole
-    past episode; the recap puts that outcome on each (s, a) token, one attention lookup away."""
+    past episode; the recap puts that outcome on each (s, a) token, one attention lookup away. With facts=True a
+    facts token follows each observation but the last (the module docstring) and is the Q position instead."""
     ids: dict                                   # special-token name -> id
     style: str = "compact"
     canvas: bool = False                        # write tile (r, c) as state r·8 + c, any map width (to_canvas)
