@@ -285,7 +285,7 @@ class CompactFormat:
         return [self._id(f"<|recap_{s}_{ACTION_WORDS[a]}_{tag}|>") for s, a, tag in recap_steps(ep)]
 
 
-FACT_TOKENS = [f"<|reserved_special_token_{i}|>" for i in range(22, 22 + 81)]  # 3^4 fact combinations, after FACT_PROBES
+FACT_TOKENS = [f"<|reserved_special_token_{i}|>" for i in range(22, 22 + 81)]  # 3^4 combinations, after FACT_PROBES
 
 
 def facts_index(facts: list[int]) -> int:
@@ -362,8 +362,8 @@ class Slice:
     walls: list[list[bool]] = field(default_factory=list)  # which of the 4 moves are known to leave the state unchanged
     facts: list[list[int]] = field(default_factory=list)   # each move: 0 untried, 1 dead end, 2 open (ContextModel.facts)
     seen: set = field(default_factory=set, repr=False)     # states written in this slice so far
-    written: planner.ContextModel = field(default_factory=planner.ContextModel, repr=False)  # in written states:
-    #                                                        the facts tokens' source (CompactFormat.facts)
+    # the slice's lake in written (canvas) states: the facts tokens' source (CompactFormat.facts)
+    written: planner.ContextModel = field(default_factory=planner.ContextModel, repr=False)
     lake: planner.ContextModel = field(default_factory=planner.ContextModel, repr=False)  # what the slice shows
 
 

@@ -247,8 +247,8 @@ class RowContext:
     cur_start: int | None = None                 # index in tokens where the unfinished episode starts (None = none)
     step_offsets: list = field(default_factory=list)  # index of each of its steps' observation block
     first_step: int = 0                          # its step the context starts from (> 0 after an in-episode trim)
-    lake: planner.ContextModel = field(default_factory=planner.ContextModel)  # the finished episodes, in written
-    #                                              states: the facts tokens' source (CompactFormat.facts; kept on a trim)
+    # the finished episodes in written states: the facts tokens' source (CompactFormat.facts; kept on a trim)
+    lake: planner.ContextModel = field(default_factory=planner.ContextModel)
     cur_lake: planner.ContextModel | None = None  # the same and the unfinished episode's steps so far
 
 

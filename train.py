@@ -25,7 +25,8 @@ Deliberate deviations from the paper (arXiv 2501.14176):
   already computes something; on random weights it cannot learn), lr 3e-3 with gradient clipping 1.0, a built-in
   vocabulary (bytes + merges for dqn.FORMAT_TEXTS + the Llama 3 special-token names + dqn.COMPACT_SPECIALS), RoPE
   base 500000 as in Llama 3.1 but without its long-context scaling (the contexts stay far below 8192 tokens).
-  By default it writes the compact format with hindsight recaps (dqn.CompactFormat) and states as tiles of an 8x8
+  By default it writes the compact format with hindsight recaps and a facts token after each observation naming
+  what the context shows about the state's moves (dqn.CompactFormat, --facts-tokens), and states as tiles of an 8x8
   canvas (--canvas: row·8 + col on every map, so larger maps meet trained tokens; the first 60 % of the steps with
   every set at the origin, the rest at random offsets, --canvas-from 0.6), regresses the action taken on its
   Monte-Carlo return and, where the context settles them within two moves, all four actions on an optimistic
@@ -35,7 +36,8 @@ Deliberate deviations from the paper (arXiv 2501.14176):
   saves to be played is the moving average of the weights over the last ≈ 100 steps (--ema 0.99; the paper plays
   its trained weights): the best id/ood balance we measured on the CPU (README, Results, where the numbers live:
   tabular Q-learning 0.49 / 0.21, the paper's text and targets on this model 0.09).
-  `--no-canvas --no-facts-tokens --format paper --targets dqn --lr 1e-3 --aux-lm 0 --ema 0` is the paper's recipe on the same model.
+  `--no-canvas --no-facts-tokens --format paper --targets dqn --lr 1e-3 --aux-lm 0 --ema 0` is the paper's recipe
+  on the same model.
 - Optional online rounds (--online-every): the model's own episodes join the data (the paper's §4.6 proposal).
 - Optional --set-order chronological keeps the Q-learner's episode order inside a set (the paper shuffles).
 - Optional --targets mc (Monte-Carlo returns alone, the previous default) or planner (all four actions on the context

@@ -153,8 +153,8 @@ def test_train_regresses_on_the_planner_targets(tmp_path):
     torch.testing.assert_close(loss, dqn.td_loss(q, y, batch))
     run = train.train(cfg)  # a whole tiny run with these targets trains and saves
     assert (run / "latest").read_text().startswith("checkpoints/step_")
-    paper = train.train(tiny(tmp_path / "paper", format="paper", canvas=False, facts_tokens=False, targets="optimistic", aux_lm=0.0,
-                                   steps=2))
+    paper = train.train(tiny(tmp_path / "paper", format="paper", canvas=False, facts_tokens=False,
+                             targets="optimistic", aux_lm=0.0, steps=2))
     assert (paper / "latest").read_text() == "checkpoints/step_000002"  # the planner does not care about the text
     with pytest.raises(ValueError, match="--untried-steps"):
         train.train(tiny(tmp_path, targets="planner", untried_steps=-1))
