@@ -265,6 +265,7 @@ class ModelPolicy:
         self.device = next(model.parameters()).device
         self.action_ids = torch.tensor(fmt.action_ids, device=self.device)
         self.canvas = getattr(fmt, "canvas", False)
+        self.facts = getattr(fmt, "facts", False)  # facts tokens: the rows' lakes are kept only for them
 
     def reset(self, n_rows):
         self.rows = [RowContext() for _ in range(n_rows)]
@@ -287,8 +288,9 @@ class ModelPolicy:
         st.tokens += fmt.observation(self._state(episode, -1))
         if episode.rewards[-1] != 0:
             st.tokens += fmt.reward(episode.rewards[-1])
-        st.cur_lake.learn(self._state(episode, -2), episode.actions[-1], self._state(episode, -1), terminated,
-                          episode.rewards[-1])
+        if self.facts:
+            st.cur_lake.learn(self._state(episode, -2), episode.actions[-1], self._state(episode, -1), terminated,
+                              episode.rewards[-1])
         if done:
             st.tokens += fmt.episode_end(episode.truncated)
             self._close_episode(st, episode, start=st.cur_start, built=len(st.tokens) - st.cur_start)
@@ -318,7 +320,7 @@ class ModelPolicy:
                 st.cur_start = len(st.tokens)
                 st.tokens += self.fmt.episode_start()
                 st.step_offsets = [len(st.tokens)]
-                st.cur_lake = st.lake.copy()
+                st.cur_lake = st.lake.copy() if self.facts else None
                 st.tokens += self.fmt.observation(self._state(ep, -1)) + self._prompt(st, ep)
             if len(st.tokens) > self.limit:
                 self._trim(st)
@@ -327,7 +329,7 @@ class ModelPolicy:
         return q.argmax(-1).tolist()
 
     def _prompt(self, st, episode):  # the action prompt; a facts format writes what the context shows about the state
-        facts = st.cur_lake.facts(self._state(episode, -1)) if getattr(self.fmt, "facts", False) else None
+        facts = st.cur_lake.facts(self._state(episode, -1)) if self.facts else None
         return self.fmt.action_prompt(facts)
 
     def _state(self, episode, t):  # the state number the format writes (the canvas tile under a canvas format)
