@@ -302,6 +302,10 @@ class ModelPolicy:
         otherwise the cache stays valid only up to where they agree."""
         k = st.first_step
         if k:
+            if self.facts:  # the cut steps stay in the row's lake: the facts tokens the model read came from them too
+                for t in range(k):
+                    st.lake.learn(self._state(episode, t), episode.actions[t], self._state(episode, t + 1), False,
+                                  episode.rewards[t])
             episode = Episode(episode.observations[k:], episode.actions[k:], episode.rewards[k:], episode.truncated,
                               ncol=episode.ncol)
         text, _ = tokenize_episode(episode, self.fmt, lake=st.lake)  # st.lake learns it (facts tokens)

@@ -245,6 +245,21 @@ def test_facts_tokens_name_what_the_row_has_seen():
         assert written == expected and len(set(expected)) > 3
 
 
+def test_facts_tokens_survive_a_cut_inside_an_episode():
+    """A context too short for one episode cuts the episode's oldest steps; the facts tokens the model read came from
+    all of the row's steps, so the text that replaces the incremental one keeps the cut steps in the row's lake."""
+    model, fmt = tiny_model(fmt="compact")
+    fmt.canvas, fmt.facts = True, True
+    policy = evaluate.ModelPolicy(model, fmt, context=64)
+    cuts = []
+    trim = policy._trim
+    policy._trim = lambda st: (trim(st), cuts.append(st.first_step))
+    maps = [[m] for m in frozenlake.ood_maps()[:3]]
+    evaluate.run_episodes(policy, maps, [0.0] * 3, seed=0, max_steps=40)
+    assert max(cuts) > 0  # episodes were cut inside
+    assert policy.mismatches == 0
+
+
 @pytest.mark.slow
 def test_cached_batched_path_chooses_the_same_actions_as_recompute():
     """Maps of 3x3 to 7x7 in one batch, rows at different history lengths; a 300-token context forces overflows
