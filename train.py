@@ -145,7 +145,7 @@ class TrainConfig:
     relabel_states: bool = option(False, "rename the states of each training set by a random permutation of 0..63, "
                                   "so only the context can tell what a state number means (held-out data is not)")
     # optimisation
-    steps: int | None = option(1250, "optimizer steps (0: `epochs` passes over the slices); 1250: 14–30 min on 2 CPU "
+    steps: int | None = option(1250, "optimizer steps (0: `epochs` passes over the slices); 1250: 14–37 min on 2 CPU "
                                "cores by machine (the budget is 20); success grows with steps (README, Results)")
     epochs: float = option(1.0, "passes over the data when --steps is 0 (paper: 1)")
     slices_per_step: int = option(8, "slices per optimizer step, all ranks together (paper: 10)")
