@@ -407,21 +407,26 @@ def pack_slices(episode_sets: list[list[Episode]], fmt: TrajectoryFormat, contex
     if context_len < 1:
         raise ValueError(f"context_len must be positive, got {context_len}")
     slices, current, dropped, lost = [], Slice(), 0, 0
+    with_facts = getattr(fmt, "facts", False)
     for episodes in episode_sets:
         if isinstance(episodes, Episode):
             raise TypeError("pack_slices takes a list of sets (lists) of episodes, got a flat list of episodes")
         order = list(episodes)
         rng.shuffle(order)
         for ep in order:
-            tokens, q_positions = tokenize_episode(ep, fmt)
+            written = current.written.copy() if with_facts else None  # kept only if the episode joins this slice
+            tokens, q_positions = tokenize_episode(ep, fmt, lake=written)
             if len(tokens) > context_len:
                 dropped, lost = dropped + 1, lost + len(ep.actions)
                 continue
             if len(current.tokens) + len(tokens) > context_len:
                 slices.append(current)
                 current = Slice()
-            if getattr(fmt, "facts", False):  # the same length, now with the slice's facts
-                tokens, q_positions = tokenize_episode(ep, fmt, lake=current.written)
+                if with_facts:  # the same length, now with the fresh slice's facts
+                    written = current.written
+                    tokens, q_positions = tokenize_episode(ep, fmt, lake=written)
+            if with_facts:
+                current.written = written
             _append_episode(current, ep, tokens, q_positions, plan, proven, hops)
     if current.tokens:
         slices.append(current)
