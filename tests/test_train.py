@@ -98,7 +98,7 @@ def test_data_deterministic_cached_and_quality(tmp_path, monkeypatch):
     assert len(sets) == cfg.n_maps * cfg.sets_per_map and all(cfg.set_min <= len(s) <= cfg.set_max for s in sets)
     (where,) = (tmp_path / "data").glob("train-*")
     manifest = json.loads((where / "manifest.json").read_text())
-    assert manifest["config"]["quality"] == "mid" and where.name.endswith(manifest["hash"][:12])
+    assert manifest["config"]["quality"] == "low" and where.name.endswith(manifest["hash"][:12])
     # the same config elsewhere generates the same data (seeded), and a second call reads the cache
     other = train.load_episode_sets(tiny(tmp_path, data_dir=str(tmp_path / "d2")), "train")
     assert other == sets
