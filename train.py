@@ -32,7 +32,7 @@ Deliberate deviations from the paper (arXiv 2501.14176):
   Monte-Carlo return and, where the context settles them within two moves, all four actions on an optimistic
   planner's values (--targets optimistic --settled-hops 1 --settled-taken --untried-taken --wall-targets,
   planner.py: untried moves are worth exploring, taken or not, a known bump into the edge nothing), and adds an
-  auxiliary next-token loss on the trajectory (--aux-lm 30, dqn.next_token_loss) for 1250 steps on sets drawn with
+  auxiliary next-token loss on the trajectory (--aux-lm 30, dqn.next_token_loss) for 800 steps on sets drawn with
   failed episodes 5x more likely (--quality low; the paper's main runs: mid), and the policy it
   saves to be played is the moving average of the weights over the last ≈ 100 steps (--ema 0.99; the paper plays
   its trained weights): the best id/ood balance we measured on the CPU (README, Results, where the numbers live:
@@ -147,8 +147,8 @@ class TrainConfig:
     relabel_states: bool = option(False, "rename the states of each training set by a random permutation of 0..63, "
                                   "so only the context can tell what a state number means (held-out data is not)")
     # optimisation
-    steps: int | None = option(1250, "optimizer steps (0: `epochs` passes over the slices); 1250: 14–37 min on 2 CPU "
-                               "cores by machine (the budget is 20); success grows with steps (README, Results)")
+    steps: int | None = option(800, "optimizer steps (0: `epochs` passes over the slices); 800: ≈ 19.5 min on 2 CPU "
+                               "cores (the budget is 20), level with 1250 on three seeds (README, Results)")
     epochs: float = option(1.0, "passes over the data when --steps is 0 (paper: 1)")
     slices_per_step: int = option(8, "slices per optimizer step, all ranks together (paper: 10)")
     micro_batch: int = option(4, "slices per forward pass (gradient accumulation over slices_per_step / micro_batch)")
