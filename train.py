@@ -147,8 +147,8 @@ class TrainConfig:
     relabel_states: bool = option(False, "rename the states of each training set by a random permutation of 0..63, "
                                   "so only the context can tell what a state number means (held-out data is not)")
     # optimisation
-    steps: int | None = option(800, "optimizer steps (0: `epochs` passes over the slices); 800: ≈ 19.5 min on 2 CPU "
-                               "cores (the budget is 20), level with 1250 on three seeds (README, Results)")
+    steps: int | None = option(800, "optimizer steps (0: `epochs` passes over the slices); 800: 17.6–19.5 min alone on 2 "
+                               "CPU cores (the budget is 20), level with 1250 on three seeds (README, Results)")
     epochs: float = option(1.0, "passes over the data when --steps is 0 (paper: 1)")
     slices_per_step: int = option(8, "slices per optimizer step, all ranks together (paper: 10)")
     micro_batch: int = option(4, "slices per forward pass (gradient accumulation over slices_per_step / micro_batch)")
