@@ -4,9 +4,12 @@ One step = what train.py does per micro-batch and optimizer step: online Q-value
 grad), target Q-values (no grad), double-DQN targets, TD loss, backward, AdamW, Polyak. Same random slices, same
 shapes, same process, runs interleaved (ours, theirs, ours, ...) so machine load hits both alike; median of the
 repeats. Rows:
-  full  - the cpu preset: all weights of the small random-init LLaMA trained; target = a deepcopy.
+  full  - the cpu preset's model: all weights of the small random-init LLaMA trained; target = a deepcopy.
   ia3   - the IA3 presets' step on the same shape: frozen base, IA3 online + target adapter
           (ours: two IA3 objects on one model; PEFT: two named adapters, switched with set_adapter).
+  default - ours only: the step `python train.py` runs (train.td_loss_on with the cpu preset's targets and
+          next-token loss, gradient clipping, AdamW, the target's Polyak and the --ema average), same batch.
+          transformers has no such step to compare with; the row shows what the default's extras cost.
   gpu   - ours only: the llama3.1-8b preset's step on an 8B-shaped model (llama.ModelArgs() defaults, random bf16
           weights, fp32 IA3) at 4096 tokens, gradient checkpointing + bf16 autocast as train.py on CUDA, with MFU.
           Only on CUDA (skipped, and said so, without one).
@@ -32,16 +35,24 @@ import llama  # noqa: E402
 import train  # noqa: E402
 
 
-def random_batch(cfg, vocab, n_slices, gen):
-    """Slices like the real data: one Q position every 10 tokens, episodes of ~8 actions."""
+def random_batch(cfg, vocab, n_slices, gen, every=10):
+    """Slices like the real data: one Q position every `every` tokens (the paper's text: ~10; the compact format
+    with facts tokens: 3), episodes of ~8 actions, and random context-planner fields for the optimistic targets.
+    The values are random; the cost of a step depends only on the shapes."""
     T, slices = cfg.context_len, []
     for _ in range(n_slices):
-        qp = list(range(8, T - 2, 10))
-        last = [(i + 1) % 8 == 0 or i == len(qp) - 1 for i in range(len(qp))]
+        qp = list(range(8, T - 2, every))
+        n = len(qp)
+        last = [(i + 1) % 8 == 0 or i == n - 1 for i in range(n)]
+        flags = lambda: (torch.rand(n, 4, generator=gen) < 0.3).tolist()  # noqa: E731
         slices.append(dqn.Slice(tokens=torch.randint(0, vocab, (T,), generator=gen).tolist(), q_positions=qp,
-                                actions=torch.randint(0, 4, (len(qp),), generator=gen).tolist(),
+                                actions=torch.randint(0, 4, (n,), generator=gen).tolist(),
                                 rewards=[float(lst) for lst in last], is_last=last,
-                                next_index=[-1 if lst else i + 1 for i, lst in enumerate(last)]))
+                                next_index=[-1 if lst else i + 1 for i, lst in enumerate(last)],
+                                to_go=[7 - i % 8 for i in range(n)], returns=[float(i % 16 < 8) for i in range(n)],
+                                novel=[False] * n, planner_q=torch.rand(n, 4, generator=gen).tolist(),
+                                settled=flags(), hopped=flags(), walls=flags(),
+                                facts=torch.randint(0, 3, (n, 4), generator=gen).tolist()))
     return dqn.collate(slices, 0)
 
 
@@ -55,6 +66,27 @@ def our_step(model, adapter, target, target_adapter, optimizer, batch, ids, cfg,
     loss.backward()
     optimizer.step()
     dqn.polyak_update((target_adapter or target).parameters(), (adapter or model).parameters(), cfg.alpha)
+
+
+def default_step(model, target, ema, optimizer, batch, ids, cfg):
+    """The cpu preset's step as train.train runs it, on one micro-batch."""
+    loss, aux = train.td_loss_on(batch, model, None, target, None, ids, cfg, contextlib.nullcontext, cfg.aux_lm)
+    optimizer.zero_grad()
+    (loss + cfg.aux_lm * aux if aux is not None else loss).backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    dqn.polyak_update(target.parameters(), model.parameters(), cfg.alpha)
+    dqn.polyak_update(ema.parameters(), model.parameters(), 1 - cfg.ema)
+
+
+def hf_twin(ours):
+    """transformers' LlamaForCausalLM with our model's config and weights."""
+    import transformers
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in ours.args.to_hf_config().items() if k != "architectures"})
+    hf = transformers.LlamaForCausalLM(hf_cfg)
+    hf.load_state_dict({llama.hf_names(ours.args)[k]: v for k, v in ours.state_dict().items()}, strict=False)
+    return hf
 
 
 def hf_q(model, batch, ids):
@@ -86,19 +118,31 @@ def hf_step(model, target, optimizer, batch, ids, cfg, peft_params=None):
 
 
 def bench_cpu(repeats):
-    import transformers
     cfg = train.make_config("cpu")
-    tok = train.small_tokenizer()
+    tok = train.small_tokenizer(cfg.format)  # the cpu preset's vocabulary (compact format: 1698 tokens)
     ours = train.small_model(cfg, tok.n_words)
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in ours.args.to_hf_config().items() if k != "architectures"})
     rows, gen = [], torch.Generator().manual_seed(0)
-    batch = random_batch(cfg, tok.n_words, cfg.micro_batch, gen)
-    ids = torch.tensor(dqn.TrajectoryFormat.for_tokenizer(tok).action_ids)
+    batch = random_batch(cfg, tok.n_words, cfg.micro_batch, gen, every=3 if cfg.format == "compact" else 10)
+    ids = torch.tensor(train.trajectory_format(cfg, tok).action_ids)
     tokens = batch["tokens"].numel()
-    for kind in ("full", "ia3"):
+    for kind in ("full", "ia3", "default"):
+        if kind == "default":
+            model = copy.deepcopy(ours)
+            target, ema = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(model).requires_grad_(False)
+            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+            times = []
+            for r in range(repeats + 1):  # the first round warms up
+                t0 = time.perf_counter()
+                default_step(model, target, ema, opt, batch, ids, cfg)
+                if r:
+                    times.append(time.perf_counter() - t0)
+            ours_tps = tokens / statistics.median(times)
+            rows.append((kind, f"{cfg.micro_batch}x{cfg.context_len}", ours_tps, None, None))
+            print(f"{kind:5s} {cfg.micro_batch}x{cfg.context_len}: ours {ours_tps:7.0f} tok/s "
+                  f"(targets {cfg.targets}, next-token loss weight {cfg.aux_lm:g}; no transformers counterpart)")
+            continue
         model = copy.deepcopy(ours)
-        hf = transformers.LlamaForCausalLM(hf_cfg)
-        hf.load_state_dict({llama.hf_names(ours.args)[k]: v for k, v in ours.state_dict().items()}, strict=False)
+        hf = hf_twin(ours)
         if kind == "full":
             adapter = target_adapter = None
             target = copy.deepcopy(model).requires_grad_(False)
@@ -197,6 +241,8 @@ def main():
     torch.manual_seed(0)
     load_before = os.getloadavg()[0]
     rows = bench_cpu(a.repeats)
+    cfg = train.make_config("cpu")
+    ours_dim, ours_layers, vocab = cfg.dim, cfg.n_layers, train.small_tokenizer(cfg.format).n_words
     load_after = os.getloadavg()[0]
     gpu_line = bench_gpu(a.repeats, a.peak_tflops)
     print(gpu_line)
@@ -204,15 +250,18 @@ def main():
         lines = ["## train.py", "",
                  f"`python benchmarks/bench_train.py --repeats {a.repeats}`: one training step (online Q with grad, "
                  "target Q, double-DQN targets, TD loss, backward, AdamW, Polyak) of the cpu preset's shape "
-                 "(d128, 4 layers, 604-token vocabulary), float32 on CPU ({} threads, {} cores), median of the repeats, "
-                 "ours and transformers interleaved in one process.".format(torch.get_num_threads(), os.cpu_count()),
+                 "(d{}, {} layers, {}-token vocabulary), float32 on CPU ({} threads, {} cores), median of the repeats, "
+                 "ours and transformers interleaved in one process; `default`: the step `python train.py` runs "
+                 "(its targets and next-token loss, clipping, the --ema average), ours only.".format(
+                     ours_dim, ours_layers, vocab, torch.get_num_threads(), os.cpu_count()),
                  "", "| step | batch | ours tok/s | transformers (+ PEFT) tok/s | ratio (median of paired runs) |",
                  "|---|---|---|---|---|"]
-        lines += [f"| {k} | {b} | {o:.0f} | {t:.0f} | {r:.2f} |" for k, b, o, t, r in rows]
-        ratios = [r for *_, r in rows]
+        lines += [f"| {k} | {b} | {o:.0f} | {'–' if t is None else f'{t:.0f}'} | {'–' if r is None else f'{r:.2f}'} |"
+                  for k, b, o, t, r in rows]
+        ratios = [r for *_, r in rows if r is not None]
         lines += ["", f"Ratio = ours' speed / theirs, the median over back-to-back pairs of runs (load that drifts "
                   f"over seconds hits both alike); in this run {min(ratios):.2f} to {max(ratios):.2f} over the "
-                  f"{len(rows)} rows. 1-minute load average {load_before:.1f} before and {load_after:.1f} after the "
+                  f"{len(ratios)} compared rows. 1-minute load average {load_before:.1f} before and {load_after:.1f} after the "
                   f"CPU rows (the absolute tok/s depend on it).", "", f"{gpu_line}.", ""]
         results = ROOT / "benchmarks" / "RESULTS.md"
         text = results.read_text() if results.exists() else "# Benchmarks\n"

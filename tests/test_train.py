@@ -1,6 +1,7 @@
 """train.py: data generation and its cache, the loop's checkpoints, exact resume, Ctrl-C, NaN stop, 2-process gloo
 data parallelism, bad input, load_policy. Every run uses a tiny model and context so the file stays ~2 minutes."""
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -578,3 +579,33 @@ def test_novelty_bonus_reaches_the_td_loss(tmp_path):
         targets = dqn.monte_carlo_targets(batch, cfg.gamma, cfg.reward_scale, bonus)
         torch.testing.assert_close(loss, dqn.td_loss(q, targets, batch))
     assert targets.tolist()[0] == pytest.approx([30 * 0.9 + 2 * 1.9, 30 + 2])  # states 1 and 2 are both new
+
+
+# ----------------------------------------------------------------------------------------------------------- benchmark
+def test_bench_train_times_the_same_step_on_both_sides(tmp_path):
+    """benchmarks/bench_train.py: on its random batch (the cpu preset's vocabulary, the compact format's Q spacing)
+    our Q-values equal transformers' on the same weights, so both timed steps compute one thing; the paper's step
+    and the default's step (optimistic targets, next-token loss, the --ema average) both run and move the weights."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = tiny(tmp_path, context_len=64, lr=1e-2)
+    tok = train.small_tokenizer(cfg.format)
+    ours = train.small_model(cfg, tok.n_words)
+    batch = bench.random_batch(cfg, tok.n_words, 2, torch.Generator().manual_seed(0), every=3)
+    ids = torch.tensor(train.trajectory_format(cfg, tok).action_ids)
+    assert batch["mask"].sum() == 2 * len(range(8, 62, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(dqn.q_values(ours, batch["tokens"], batch["q_positions"], ids),
+                                   bench.hf_q(bench.hf_twin(ours), batch, ids), atol=1e-4, rtol=1e-4)
+    start = {k: v.clone() for k, v in ours.state_dict().items()}
+    target, ema = (copy.deepcopy(ours).requires_grad_(False) for _ in range(2))
+    opt = torch.optim.AdamW(ours.parameters(), lr=cfg.lr)
+    bench.default_step(ours, target, ema, opt, batch, ids, cfg)
+    w = "layers.0.attention.wq.weight"
+    moved = ours.state_dict()[w] - start[w]
+    assert moved.abs().max() > 1e-3  # AdamW's first step moves each weight by about lr
+    torch.testing.assert_close(ema.state_dict()[w] - start[w], (1 - cfg.ema) * moved)  # θ̄ ← d·θ̄ + (1−d)·θ
+    bench.our_step(ours, None, target, None, opt, batch, ids, cfg)  # the paper's double-DQN step
+    assert not torch.equal(ours.state_dict()[w], start[w] + moved)
