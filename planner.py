@@ -4,7 +4,7 @@ transitions written in the context so far (our option `--targets planner`, not t
 The paper regresses Q on double-DQN bootstraps of the data's own actions (Eq. 6); our Monte-Carlo option on the
 return of the action's episode. Both only say how good the data's behaviour was, so on a lake where no episode in the
 context has reached the goal every action is worth 0 and the greedy policy has nothing to go on: it steps into the
-same hole again or loops (README, Results: 0.000–0.100 greedy success on those maps). These targets say instead what
+same hole again or loops (results/HISTORY.md: 0.000–0.100 greedy success on those maps). These targets say instead what
 is worth doing given the context, for all four actions at every step:
 
     Q(h, s, a) = 1                      (s, a) is known from h to enter a goal
@@ -25,7 +25,7 @@ Two ways to use them (train.py): `--targets planner` regresses all four Q-values
 multi-hop search the small model did not form in 1250 steps). `--targets optimistic` keeps the Monte-Carlo return
 for the action taken and adds the planner's value only where it is one lookup away (`settled`: an untried move u, a
 move known to end in a hole 0 or a goal 1) for the other three: the exploration the Monte-Carlo targets lack; it
-raised greedy success (README, Results). With `--settled-hops H` (the cpu default: 1) also a known move into a state
+raised greedy success (results/HISTORY.md). With `--settled-hops H` (the cpu default: 1) also a known move into a state
 at most H - 1 known moves from an exit (`exits`: a goal-entering or an untried move), with `--settled-taken` for the
 action taken too: one lookup further, which made the warm-up explore; longer paths (H = 3) hurt like `planner`.
 

@@ -45,7 +45,7 @@ Deliberate deviations from the paper (arXiv 2501.14176):
   planner's values, planner.py: did not learn); --learner rmax: the histories of R-max (model-based, optimistic)
   instead of Q-learning; --novelty-bonus: an exploration bonus in the Monte-Carlo targets; --proven-floor: the taken
   action's target raised to the return of the shortest path the context shows; --canvas-first-stage ordinary /
-  --canvas-from 0 / --canvas-origin-share: other canvas schedules (README, Results, for what each did).
+  --canvas-from 0 / --canvas-origin-share: other canvas schedules (results/HISTORY.md, for what each did).
 - Held-out TD loss is measured on data generated the same way on frozenlake.test_maps() (50 maps, disjoint from
   the training maps), not on a split of the training maps.
 - Slices inside one forward pass (`micro_batch` > 1) share one mean over their action positions; the paper's 10

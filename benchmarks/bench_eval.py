@@ -85,11 +85,10 @@ def main():
         model, adapter, _, fmt = train.load_policy(args.run, device=args.device)
         which = f"trained checkpoint {args.run}"
     else:
-        import dqn
-        cfg = train.make_config("cpu")
-        tokenizer = train.small_tokenizer()
-        model = train.small_model(cfg, tokenizer.n_words).eval().to(args.device)
-        adapter, fmt = None, dqn.TrajectoryFormat.for_tokenizer(tokenizer)
+        cfg = train.make_config("cpu")  # its format, vocabulary and facts tokens, as `python train.py` builds them
+        tokenizer = train.small_tokenizer(cfg.format)
+        model = train.small_model(cfg, tokenizer.n_words, tokenizer.special_tokens).eval().to(args.device)
+        adapter, fmt = None, train.trajectory_format(cfg, tokenizer)
         which = "random weights"
     n_params = sum(p.numel() for p in model.parameters())
     maps = [[m] for m in frozenlake.test_maps()[:args.maps]]
