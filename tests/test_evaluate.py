@@ -565,3 +565,21 @@ def test_cli_rejects_bad_input():
         evaluate.parse_args(["--baselines-only", "--planner-untried-steps", "-1"])
     cfg = evaluate.parse_args(["--baselines-only", "--experiment", "ood", "--maps", "5"])
     assert (cfg.experiment, cfg.maps, cfg.baselines_only) == ("ood", 5, True)
+
+
+def test_bench_eval_runs_the_cpu_presets_model_on_both_paths():
+    """benchmarks/bench_eval.py end to end on 2 maps × 2 episodes: the random-weights model is the cpu preset's
+    (its parameter count, not the paper format's smaller vocabulary), and the recompute path replays the same steps
+    (the script asserts it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    cfg = train.make_config("cpu")
+    tok = train.small_tokenizer(cfg.format)
+    n = sum(p.numel() for p in train.small_model(cfg, tok.n_words).parameters())
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_eval.py"), "--maps", "2", "--episodes", "2",
+                          "--slow-maps", "1", "--slow-seconds", "5"], capture_output=True, text=True, cwd=root,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"({n / 1e6:.2f}M parameters, random weights" in out.stdout and "Speed-up on the same work" in out.stdout
