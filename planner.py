@@ -123,6 +123,12 @@ class ContextModel:
             self._plans["exits"] = _hops_to(into, goal_entries | untried_moves)
         return self._plans["exits"]
 
+    def goal_hops(self) -> dict:
+        """Fewest known non-terminal moves from each state to one with a known goal-entering move (d_goal above;
+        states with no known path to a goal are absent)."""
+        into, _, goal_entries, _ = self._graph()
+        return _hops_to(into, goal_entries)
+
     def _graph(self):
         """(s' -> states with a known non-terminal, non-wall move to it; the states the context names; those with a
         known goal-entering move; the non-terminal ones with an untried move)."""

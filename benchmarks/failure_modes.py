@@ -3,7 +3,9 @@ episodes 20-29 by what the context before it (all earlier episodes of the lake a
 about the move taken, with planner.ContextModel: untried, a known bump into the lake's edge (the state does not
 change), a known move onto the ice, a known hole or a known goal. Also how each episode ends: the goal, a hole
 (known or untried), or the step limit (a loop). Lakes are split by whether the warm-up (episodes 0-19) ever reached
-the goal. An analysis, not a benchmark; the README's Results quote its output.
+the goal. Then, for the greedy episodes that loop on warm-up-solved lakes, how far each step's state is from a known
+goal (in known moves) and whether the move is the context planner's. An analysis, not a benchmark; the README's
+Results quote its output.
 
     python benchmarks/failure_modes.py --run runs/cpu --experiment ood
 """
@@ -40,6 +42,33 @@ def classify(res):
     return steps, ends
 
 
+LOOP_BUCKETS = ("none", "0", "1", "2", "3-5", "6+")
+
+
+def loop_steps(res, gamma=0.9, untried=0.9 ** 8):
+    """The greedy episodes that hit the step limit on lakes the warm-up solved: their steps by how many known moves
+    separate the state from a known goal-entering move (planner.ContextModel.goal_hops; "none": no known path), and
+    whether the move taken has the context planner's best value (the default's --untried-steps 8).
+    -> (looping episodes, Counter{(bucket, on the planner's best move): steps})."""
+    steps, episodes = collections.Counter(), 0
+    for r in range(len(res["success"])):
+        lake, solved = planner.ContextModel(), any(res["success"][r][:20])
+        for k, (path, actions) in enumerate(zip(res["paths"][r], res["actions"][r])):
+            truncated = res["truncated"][r][k]
+            looping = k >= 20 and solved and truncated
+            episodes += looping
+            for t, a in enumerate(actions):
+                s = path[t]
+                if looping:
+                    d = lake.goal_hops().get(s)
+                    bucket = "none" if d is None else str(d) if d <= 2 else "3-5" if d <= 5 else "6+"
+                    q = lake.q(s, gamma, untried)
+                    steps[bucket, q[a] >= max(q) - 1e-9] += 1
+                end = t == len(actions) - 1
+                lake.learn(s, a, path[t + 1], end and not truncated, res["success"][r][k] if end else 0.0)
+    return episodes, steps
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="train.py run dir")
@@ -57,6 +86,14 @@ def main(argv=None):
         kinds = " / ".join(str(steps[solved][k]) for k in ("untried", "edge", "ice", "hole", "goal"))
         endings = ", ".join(f"{k} {v}" for k, v in sorted(ends[solved].items()))
         print(f"| warm-up {'solved' if solved else 'unsolved'} | {n} | {kinds} | {endings} |")
+    episodes, loops = loop_steps(res)
+    print(f"\nLoops on warm-up-solved lakes: {episodes} greedy episodes at the step limit; their steps by known moves "
+          "from the state to a known goal entry, and on / off the context planner's best move")
+    print("| known moves to a goal entry | " + " | ".join(LOOP_BUCKETS) + " |")
+    print("|---|" + "---|" * len(LOOP_BUCKETS))
+    for on in (True, False):
+        print(f"| {'on' if on else 'off'} the planner's best | " + " | ".join(str(loops[b, on]) for b in LOOP_BUCKETS)
+              + " |")
 
 
 if __name__ == "__main__":

@@ -409,6 +409,22 @@ def test_failure_modes_classifies_each_greedy_step_by_what_the_context_showed():
     assert ends[False] == {"hole (known)": 1, "loop": 1}
 
 
+def test_failure_modes_places_loop_steps_by_their_known_distance_to_the_goal():
+    """loop_steps on a 1 x 4 corridor 0-1-2-3(goal): 20 warm-up successes walk right, then a greedy episode loops
+    0 -> 1 -> 0 -> 1 -> 0 to the step limit. From 0 (2 known moves from the goal's entry at 2) right is the planner's
+    best move (γ² against an untried γ^8); from 1 (1 move away) left is not (γ³ or γ^8 against right's γ)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("failure_modes", ROOT / "benchmarks" / "failure_modes.py")
+    failure_modes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(failure_modes)
+    res = {"paths": [[[0, 1, 2, 3]] * 20 + [[0, 1, 0, 1, 0]]], "actions": [[[RIGHT] * 3] * 20 + [[RIGHT, LEFT] * 2]],
+           "success": [[1.0] * 20 + [0.0]], "truncated": [[False] * 20 + [True]]}
+    episodes, steps = failure_modes.loop_steps(res)
+    assert episodes == 1 and steps == {("2", True): 2, ("1", False): 2}
+    res["success"][0][:20] = [0.0] * 20  # an unsolved warm-up: not counted
+    assert failure_modes.loop_steps(res)[0] == 0
+
+
 def test_planner_agreement_scores_the_greedy_move_against_the_planner(compact):
     """benchmarks/planner_agreement.py's score: a Q equal to the planner's values agrees everywhere, its negation
     only where all moves tie; positions split at the slice's first success; untried values read before it."""
