@@ -367,6 +367,12 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def atomic_write_text(path, text: str):
+    """`text` into `path` (its folder made if missing), atomically (atomic_write)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def save(model: Transformer, path):
     """Writes config.json + model.safetensors (HF names, HF q/k order); each file replaced atomically, config last."""
     from safetensors.torch import save_file

@@ -1,11 +1,9 @@
 """Train an in-context RL agent: offline double DQN on Frozen Lake trajectories, Q-values read off LLaMA's LM head.
 
 What it does, top to bottom:
-1. Data (paper §3.2, REFERENCE.md §1): on every training map a tabular Q-learner with ε-greedy exploration runs from
-   scratch; its episodes, from early failures to later successes, are the data. Sets of 20-40 episodes of one map
-   are drawn with the paper's quality weighting (hi: successes 5x more likely, low: failures 5x, mid: uniform),
-   shuffled, and packed into context slices by `dqn.pack_slices`. Generated once per data config, cached on disk
-   with a manifest (the generating config and its hash).
+1. Data (paper §3.2, data.py): the learning histories of a tabular Q-learner on each training map, drawn into sets
+   of 20-40 episodes of one map with the paper's quality weighting, cached on disk, then packed into context slices
+   by `dqn.pack_slices`.
 2. The loop: AdamW (weight decay 0.01), lr warmup over 10 steps then constant, `slices_per_step` slices per
    optimizer step (gradient accumulation), double-DQN targets from a target network (Eq. 6), MSE TD loss (Eq. 7),
    Polyak averaging of the target after every step (Eq. 8). bf16 autocast and gradient checkpointing on CUDA.
@@ -20,7 +18,7 @@ Llama-3.1-8B-Instruct + IA3 with the paper's hyperparameters (lr 1e-2, warmup 10
 reward x30, α 0.1, one epoch).
 
 Deliberate deviations from the paper (arXiv 2501.14176):
-- The paper's "traditional RL algorithm" for the data is unpublished; we use tabular Q-learning (ε linear 1 -> 0.05).
+- The data's deviations (tabular Q-learning for the paper's unpublished learner, held-out maps) are in data.py.
 - cpu preset: all weights of a small random-init model are trained (IA3 only rescales activations of a model that
   already computes something; on random weights it cannot learn), lr 3e-3 with gradient clipping 1.0, a built-in
   vocabulary (bytes + merges for dqn.FORMAT_TEXTS + the Llama 3 special-token names + dqn.COMPACT_SPECIALS), RoPE
@@ -40,21 +38,17 @@ Deliberate deviations from the paper (arXiv 2501.14176):
   `--no-canvas --no-facts-tokens --quality mid --format paper --targets dqn --lr 1e-3 --aux-lm 0 --ema 0` is the
   paper's recipe on the same model.
 - Optional online rounds (--online-every): the model's own episodes join the data (the paper's §4.6 proposal).
-- Optional --set-order chronological keeps the Q-learner's episode order inside a set (the paper shuffles).
 - Optional --targets mc (Monte-Carlo returns alone, the previous default) or planner (all four actions on the context
   planner's values, planner.py: did not learn); --learner rmax: the histories of R-max (model-based, optimistic)
   instead of Q-learning; --novelty-bonus: an exploration bonus in the Monte-Carlo targets; --proven-floor: the taken
   action's target raised to the return of the shortest path the context shows; --canvas-first-stage ordinary /
   --canvas-from 0 / --canvas-origin-share: other canvas schedules (results/HISTORY.md, for what each did).
-- Held-out TD loss is measured on data generated the same way on frozenlake.test_maps() (50 maps, disjoint from
-  the training maps), not on a split of the training maps.
 - Slices inside one forward pass (`micro_batch` > 1) share one mean over their action positions; the paper's 10
   slices per step are 10 micro-batches of one (the llama3.1-8b preset), where the two agree.
 """
 import argparse
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import os
@@ -73,13 +67,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import data
 import dqn
-import frozenlake
 import ia3
 import llama
-
-DATA_VERSION = 1  # bump when the generator changes: every cached data set is then regenerated
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Configuration: one dataclass, the cpu preset's values as defaults; the other presets override a few fields.
@@ -111,7 +102,7 @@ class TrainConfig:
     n_maps: int = option(250, "training maps: frozenlake.train_maps(n) (250 = the paper's; more continue its "
                          "generator, never a test map)")
     learner: str = option("qlearning", "the RL algorithm whose histories are the data: qlearning (tabular, ε-greedy) "
-                          "or rmax (model-based, optimistic about untried moves: rmax_episodes), same ε schedule",
+                          "or rmax (model-based, optimistic about untried moves: data.rmax_episodes), same ε schedule",
                           choices=("qlearning", "rmax"))
     qlearn_runs: int = option(2, "independent runs of the learner per map (each from scratch)")
     qlearn_episodes: int = option(60, "episodes per run (ε goes linearly from 1 to 0.05 over the run)")
@@ -333,191 +324,11 @@ def max_seq_len(cfg: TrainConfig) -> int:
     return llama.ModelArgs.from_hf_config(hf).max_seq_len
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Data: tabular Q-learning histories on each map, then sets of 20-40 episodes of one map.
-
-def epsilon_greedy_episodes(desc, n_episodes, rng: random.Random, values, learn) -> list[dqn.Episode]:
-    """The loop both data learners share: ε linear from 1 to 0.05 over the run; a greedy step takes the best of
-    values(s) (4 action values), ties broken at random; learn(s, a, r, s', terminated) after every step."""
-    env = frozenlake.FrozenLake(desc, max_steps=100)
-    episodes = []
-    for k in range(n_episodes):
-        eps = 1.0 + (0.05 - 1.0) * k / max(n_episodes - 1, 1)
-        s, _ = env.reset(seed=int(rng.random() * 2**31))
-        obs, acts, rews = [s], [], []
-        while True:
-            if rng.random() < eps:
-                a = int(rng.random() * 4)
-            else:
-                q = values(s)
-                ties = [b for b in range(4) if q[b] == max(q)]
-                a = ties[int(rng.random() * len(ties))]
-            s2, r, terminated, truncated, _ = env.step(a)
-            learn(s, a, r, s2, terminated)
-            obs.append(s2), acts.append(a), rews.append(float(r))
-            s = s2
-            if terminated or truncated:
-                episodes.append(dqn.Episode(obs, acts, rews, truncated=truncated and not terminated))
-                break
-    return episodes
-
-
-def q_learning_episodes(desc, n_episodes, lr, gamma, rng: random.Random) -> list[dqn.Episode]:
-    """A tabular Q-learner from scratch, ε-greedy (epsilon_greedy_episodes)."""
-    Q = [[0.0] * 4 for _ in range(len(desc) * len(desc[0]))]
-
-    def learn(s, a, r, s2, terminated):  # Q ← Q + lr·(r + γ max Q' − Q)
-        Q[s][a] += lr * (r + gamma * max(Q[s2]) * (not terminated) - Q[s][a])
-    return epsilon_greedy_episodes(desc, n_episodes, rng, lambda s: Q[s], learn)
-
-
-def rmax_episodes(desc, n_episodes, gamma, rng: random.Random) -> list[dqn.Episode]:
-    """R-max (Brafman & Tennenholtz 2002) for a deterministic lake, from scratch: it learns the moves it has tried and
-    where episodes ended; an untried (s, a) is worth the maximum reward 1 (optimism), so its greedy policy walks to the
-    nearest untried move until a goal is known, then takes the shortest known path. It knows nothing of the grid.
-    Same ε schedule as q_learning_episodes (epsilon_greedy_episodes)."""
-    n = len(desc) * len(desc[0])
-    move = [[None] * 4 for _ in range(n)]  # the learned model: s, a -> s' (None: untried)
-    ended = {}                              # a state where an episode terminated -> its reward (1 goal, 0 hole)
-    q = []                                  # the current plan, Q(s, a)
-
-    def plan():  # value iteration on the learned model: Q(s, a) = 1 untried, r at an end, else γ·max Q(s', ·)
-        v = [0.0] * n
-        for _ in range(n + 1):
-            q[:] = [[1.0 if t is None else ended[t] if t in ended else gamma * v[t] for t in move[s]]
-                    for s in range(n)]
-            v = [max(row) for row in q]
-
-    def learn(s, a, r, s2, terminated):
-        if move[s][a] is None:  # a goal or hole ends the episode whenever it is entered: first entry tells
-            move[s][a] = s2
-            if terminated:
-                ended[s2] = float(r)
-            plan()  # replan only when the model learned something
-    plan()
-    return epsilon_greedy_episodes(desc, n_episodes, rng, lambda s: q[s], learn)
-
-
-def quality_weight(ep: dqn.Episode, quality: str) -> float:
-    success = sum(ep.rewards) > 0
-    return {"hi": 5.0 if success else 1.0, "low": 1.0 if success else 5.0, "mid": 1.0}[quality]
-
-
-def sample_set(weights: list[float], n: int, rng: random.Random) -> list[int]:
-    """n distinct indices, each draw proportional to its weight among those left (Efraimidis-Spirakis keys u^(1/w))."""
-    keys = [rng.random() ** (1.0 / w) for w in weights]
-    return sorted(range(len(weights)), key=lambda i: -keys[i])[:n]
-
-
-def data_config(cfg: TrainConfig, split: str) -> dict:
-    maps = frozenlake.train_maps(cfg.n_maps) if split == "train" else frozenlake.test_maps()
-    return {"version": DATA_VERSION, "split": split, "maps": maps, "qlearn_runs": cfg.qlearn_runs,
-            "learner": cfg.learner, "qlearn_episodes": cfg.qlearn_episodes, "qlearn_lr": cfg.qlearn_lr,
-            "qlearn_gamma": cfg.qlearn_gamma,
-            "sets_per_map": cfg.sets_per_map if split == "train" else cfg.heldout_sets_per_map,
-            "set_min": cfg.set_min, "set_max": cfg.set_max, "quality": cfg.quality, "data_seed": cfg.data_seed}
-
-
-def generate_data(dc: dict) -> dict:
-    """{"episodes": [map][run][episode] as [obs, actions, rewards, truncated], "sets": [[map, run, [episode...]]]}."""
-    episodes = []
-    for m, desc in enumerate(dc["maps"]):
-        runs = []
-        for r in range(dc["qlearn_runs"]):
-            rng = random.Random(f"{dc['data_seed']}/{dc['split']}/{m}/{r}")  # str seeds are stable across versions
-            eps = (rmax_episodes(desc, dc["qlearn_episodes"], dc["qlearn_gamma"], rng) if dc["learner"] == "rmax"
-                   else q_learning_episodes(desc, dc["qlearn_episodes"], dc["qlearn_lr"], dc["qlearn_gamma"], rng))
-            runs.append([[e.observations, e.actions, e.rewards, e.truncated] for e in eps])
-        episodes.append(runs)
-    rng, sets = random.Random(f"{dc['data_seed']}/{dc['split']}/sets"), []
-    for m, runs in enumerate(episodes):
-        for _ in range(dc["sets_per_map"]):
-            r = int(rng.random() * len(runs))
-            n = dc["set_min"] + int(rng.random() * (dc["set_max"] - dc["set_min"] + 1))
-            weights = [quality_weight(dqn.Episode(*e), dc["quality"]) for e in runs[r]]
-            chosen = sample_set(weights, n, rng)
-            rng.shuffle(chosen)  # no order inside a set (unlike Algorithm Distillation)
-            sets.append([m, r, chosen])
-    return {"episodes": episodes, "sets": sets}
-
-
-def _atomic_write_text(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    llama.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def load_episode_sets(cfg: TrainConfig, split: str) -> list[list[dqn.Episode]]:
-    """The episode sets of a split, generated once per data config into data_dir/<split>-<hash>/ (data, then the
-    manifest, each written atomically; a dir without a matching manifest is regenerated)."""
-    dc = data_config(cfg, split)
-    digest = hashlib.sha256(json.dumps(dc, sort_keys=True).encode()).hexdigest()
-    where = Path(cfg.data_dir) / f"{split}-{digest[:12]}"
-    manifest_file, data_file = where / "manifest.json", where / "episodes.json"
-    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
-    text = data_file.read_text() if manifest.get("hash") == digest and data_file.is_file() else None
-    if text is None or hashlib.sha256(text.encode()).hexdigest() != manifest.get("data_sha256"):
-        text = json.dumps(generate_data(dc), separators=(",", ":"))
-        _atomic_write_text(data_file, text)
-        manifest = {"hash": digest, "config": dc, "data_sha256": hashlib.sha256(text.encode()).hexdigest(),
-                    "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-        _atomic_write_text(manifest_file, json.dumps(manifest, indent=1))
-    data = json.loads(text)
-    order = sorted if cfg.set_order == "chronological" else list  # the stored sets are shuffled
-    sets = [[dqn.Episode(*data["episodes"][m][r][i]) for i in order(chosen)] for m, r, chosen in data["sets"]]
-    for (m, _, _), episodes in zip(data["sets"], sets):
-        for ep in episodes:
-            ep.ncol = len(dc["maps"][m][0])
-    if cfg.canvas:  # training sets at a random place on the canvas, held-out ones at (0, 0) like the evaluation
-        rng = random.Random(f"{cfg.seed}/canvas")
-        for i, (m, _, _) in enumerate(data["sets"]):
-            rows, cols = len(dc["maps"][m]), len(dc["maps"][m][0])
-            at_origin = split != "train" or (cfg.canvas_origin_share and rng.random() < cfg.canvas_origin_share)
-            offset = (0, 0) if at_origin else canvas_offset(rows, cols, rng)
-            sets[i] = [dqn.to_canvas(ep, *offset) for ep in sets[i]]
-    return sets
-
-
-def canvas_offset(rows: int, cols: int, rng: random.Random) -> tuple[int, int]:
-    """A random (row, col) offset that keeps a rows x cols map on the 8x8 canvas."""
-    return int(rng.random() * (dqn.CANVAS - rows + 1)), int(rng.random() * (dqn.CANVAS - cols + 1))
-
-
-def play_maps(model, adapter, fmt, maps, context_len, seed) -> list[list[dqn.Episode]]:
-    """The model's own episodes: each map played for 30 episodes under evaluate.py's warm-up schedule (the model's
-    greedy action with probability floor(k/2)/10, else random; greedy from episode 20), one set per map."""
-    import evaluate  # here, not at the top: evaluate.py imports this module
-    was_training = model.training
-    model.eval()
-    policy = evaluate.ModelPolicy(model, fmt, adapter, context=context_len)
-    out = evaluate.run_episodes(policy, [[m] for m in maps], evaluate.schedule(30), seed=seed)
-    model.train(was_training)
-    return [[dqn.Episode(obs, acts, [0.0] * (len(acts) - 1) + [won], trunc, ncol=len(maps[r][0]))
-             for obs, acts, won, trunc in zip(out["paths"][r], out["actions"][r], out["success"][r],
-                                              out["truncated"][r])] for r in range(len(maps))]
-
-
 def heldout_slices(cfg: TrainConfig, fmt) -> list[dqn.Slice]:
     """The held-out maps' episode sets packed as the training sets are (with the planner's values where the targets
     use them): the held-out TD loss reads the first --eval-slices of them."""
-    return dqn.pack_slices(load_episode_sets(cfg, "heldout"), fmt, cfg.context_len, random.Random(cfg.seed),
+    return dqn.pack_slices(data.load_episode_sets(cfg, "heldout"), fmt, cfg.context_len, random.Random(cfg.seed),
                            planner_arguments(cfg), cfg.proven_floor, cfg.settled_hops)
-
-
-def online_round_maps(cfg: TrainConfig, step: int) -> list[list[str]]:
-    """The training maps the model plays in the online round at this step (a seeded draw per round)."""
-    return random.Random(f"{cfg.seed}/online{step}").sample(frozenlake.train_maps(cfg.n_maps),
-                                                           min(cfg.online_maps, cfg.n_maps))
-
-
-def online_sets_placed(cfg: TrainConfig, step: int, sets: list[list[dqn.Episode]], canvas_stage: bool):
-    """The episode sets the model played in the round at `step`, as the data of the current stage: the model plays at
-    the canvas origin (as evaluate.py does), so in the canvas stage each map's set moves to a random offset on the
-    canvas, one per set, as the Q-learner's training sets do (load_episode_sets)."""
-    if not canvas_stage:
-        return sets
-    rng = random.Random(f"{cfg.seed}/online{step}/canvas")
-    offsets = [canvas_offset(len(m), len(m[0]), rng) for m in online_round_maps(cfg, step)]
-    return [[dqn.to_canvas(ep, *at) for ep in eps] for at, eps in zip(offsets, sets)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -533,16 +344,6 @@ def small_tokenizer(fmt: str = "paper") -> llama.Tokenizer:
             ranks.setdefault(text[:k].encode(), len(ranks))
     specials = llama.LLAMA3_SPECIALS + (dqn.COMPACT_SPECIALS if fmt == "compact" else [])
     return llama.Tokenizer.from_ranks(ranks, llama.LLAMA3_PATTERN, specials)
-
-
-def relabel_states(episode_sets: list[list[dqn.Episode]], rng: random.Random) -> list[list[dqn.Episode]]:
-    """Each set's states renamed by its own random permutation of 0..63 (the dynamics are unchanged)."""
-    out = []
-    for episodes in episode_sets:
-        perm = rng.sample(range(64), 64)
-        out.append([dqn.Episode([perm[s] for s in e.observations], e.actions, e.rewards, e.truncated, e.ncol)
-                    for e in episodes])
-    return out
 
 
 def small_model(cfg: TrainConfig, vocab_size: int, specials: dict | None = None) -> llama.Transformer:
@@ -610,7 +411,7 @@ def save_checkpoint(run_dir: Path, cfg, step, model, adapter, target, target_ada
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
     try:
-        _atomic_write_text(tmp / "train_config.json", json.dumps(asdict(cfg), indent=1))
+        llama.atomic_write_text(tmp / "train_config.json", json.dumps(asdict(cfg), indent=1))
         if adapter is None:
             llama.save(model, tmp / "model")
             tokenizer.save(tmp / "model")
@@ -633,7 +434,7 @@ def save_checkpoint(run_dir: Path, cfg, step, model, adapter, target, target_ada
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _atomic_write_text(run_dir / "latest", str(final.relative_to(run_dir)))
+    llama.atomic_write_text(run_dir / "latest", str(final.relative_to(run_dir)))
     kept = sorted((run_dir / "checkpoints").glob("step_*"))
     for old in kept[:-max(cfg.keep_checkpoints, 1)]:
         shutil.rmtree(old, ignore_errors=True)
@@ -807,7 +608,7 @@ def train(cfg: TrainConfig) -> Path:
 
     # data: rank 0 generates the cache, the others read it
     if rank == 0:
-        load_episode_sets(cfg, "train"), load_episode_sets(cfg, "heldout")
+        data.load_episode_sets(cfg, "train"), data.load_episode_sets(cfg, "heldout")
     if world > 1:
         dist.barrier()
     model, adapter, target, target_adapter, tokenizer = build_policy(cfg, device, resume_from)
@@ -818,9 +619,9 @@ def train(cfg: TrainConfig) -> Path:
     plan = planner_arguments(cfg)
 
     def packed(c: TrainConfig):  # (training slices, this rank's held-out slices) in the format c writes
-        f, train_sets = trajectory_format(c, tokenizer), load_episode_sets(c, "train")
+        f, train_sets = trajectory_format(c, tokenizer), data.load_episode_sets(c, "train")
         if c.relabel_states:
-            train_sets = relabel_states(train_sets, random.Random(f"{c.seed}/relabel"))
+            train_sets = data.relabel_states(train_sets, random.Random(f"{c.seed}/relabel"))
         return (dqn.pack_slices(train_sets, f, c.context_len, random.Random(c.seed), plan, c.proven_floor,
                                 c.settled_hops),
                 heldout_slices(c, f)[:c.eval_slices][rank::world])
@@ -869,15 +670,15 @@ def train(cfg: TrainConfig) -> Path:
         return out
 
     def online_round():  # every rank plays the same maps with the same weights: identical pools, no communication
-        maps = online_round_maps(cfg, step)
-        online_sets.append((step, play_maps(model, adapter, fmt, maps, cfg.context_len, seed=step)))
+        maps = data.online_round_maps(cfg, step)
+        online_sets.append((step, data.play_maps(model, adapter, fmt, maps, cfg.context_len, seed=step)))
         del online_sets[:-cfg.online_keep]
         return pack_online()
 
     def pack_online():
         return [sl for s, sets in online_sets
-                for sl in dqn.pack_slices(online_sets_placed(cfg, s, sets, cfg.canvas and step >= canvas_start), fmt,
-                                          cfg.context_len, random.Random(f"{cfg.seed}/online{s}"), plan,
+                for sl in dqn.pack_slices(data.online_sets_placed(cfg, s, sets, cfg.canvas and step >= canvas_start),
+                                          fmt, cfg.context_len, random.Random(f"{cfg.seed}/online{s}"), plan,
                                           cfg.proven_floor, cfg.settled_hops)]
     online_pool = pack_online()
 
@@ -907,7 +708,7 @@ def train(cfg: TrainConfig) -> Path:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         old = metrics_file.read_text().splitlines() if cfg.resume and metrics_file.exists() else []
-        _atomic_write_text(metrics_file, "".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
+        llama.atomic_write_text(metrics_file, "".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
         n_train = sum(p.numel() for p in trainable)
         print(f"[train] {cfg.preset}: {len(slices)} slices of <= {cfg.context_len} tokens, {total_steps} steps x "
               f"{cfg.slices_per_step} slices, {n_train:,} trainable parameters, device {device}, world {world}"

@@ -271,7 +271,7 @@ def main():
             text = head + "\n".join(lines) + tail
         else:
             text = text.rstrip("\n") + "\n\n" + "\n".join(lines)
-        train._atomic_write_text(results, text)
+        llama.atomic_write_text(results, text)
 
 
 if __name__ == "__main__":

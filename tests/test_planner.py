@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import dqn
 import evaluate
 import frozenlake
@@ -90,7 +91,7 @@ def test_latest_evidence_wins():
 def two_lake_sets():
     """Two training maps' sets of 12 short Q-learning episodes each (seeded): 300-token slices cross their boundary."""
     rng = random.Random(3)
-    return [[e for e in train.q_learning_episodes(desc, 30, 0.5, 0.95, rng) if len(e.actions) < 25][:12]
+    return [[e for e in data.q_learning_episodes(desc, 30, 0.5, 0.95, rng) if len(e.actions) < 25][:12]
             for desc in frozenlake.train_maps()[:2]]
 
 

@@ -1,4 +1,4 @@
-"""train.py: data generation and its cache, the loop's checkpoints, exact resume, Ctrl-C, NaN stop, 2-process gloo
+"""train.py: the loop's checkpoints, exact resume, Ctrl-C, NaN stop, 2-process gloo
 data parallelism, bad input, load_policy. Every run uses a tiny model and context so the file stays ~2 minutes."""
 import contextlib
 import copy
@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
 import dqn
 import frozenlake
 import ia3
@@ -36,104 +37,6 @@ def tiny(tmp_path, **kw):
 
 def weights(ckpt: Path, name="model") -> dict:
     return load_file(ckpt / name / "model.safetensors")
-
-
-# ---------------------------------------------------------------------------------------------------------------- data
-
-def test_q_learning_episodes_replay_in_the_env_and_improve():
-    maps = frozenlake.train_maps()[:20]
-    early = late = 0
-    for m, desc in enumerate(maps):
-        eps = train.q_learning_episodes(desc, 60, 0.5, 0.95, random.Random(m))
-        for ep in eps:
-            assert_replays(desc, ep)
-        early += sum(sum(e.rewards) > 0 for e in eps[:10])
-        late += sum(sum(e.rewards) > 0 for e in eps[-10:])
-    assert late > 2 * early  # early failures -> later successes, the learning history the paper trains on
-
-
-def assert_replays(desc, ep):
-    """The recorded episode is a real trajectory of the lake (independent replay)."""
-    dqn.check_episode(ep)
-    env = frozenlake.FrozenLake(desc)
-    env.s, env.steps = ep.observations[0], 0
-    for t, a in enumerate(ep.actions):
-        s, r, terminated, truncated, _ = env.step(a)
-        assert (s, r) == (ep.observations[t + 1], ep.rewards[t])
-    assert terminated or truncated
-    assert ep.truncated == (truncated and not terminated)
-
-
-def test_rmax_episodes_replay_and_learn_faster_than_q_learning(tmp_path):
-    maps = frozenlake.train_maps()[:20]
-    late = {"rmax": 0, "qlearning": 0}
-    for m, desc in enumerate(maps):
-        rmax = train.rmax_episodes(desc, 60, 0.95, random.Random(m))
-        for ep in rmax:
-            assert_replays(desc, ep)
-        late["rmax"] += sum(sum(e.rewards) > 0 for e in rmax[20:])
-        late["qlearning"] += sum(sum(e.rewards) > 0 for e in train.q_learning_episodes(desc, 60, 0.5, 0.95,
-                                                                                       random.Random(m))[20:])
-        late["rmax, last 10"] = late.get("rmax, last 10", 0) + sum(sum(e.rewards) > 0 for e in rmax[-10:])
-    # same ε schedule (still 0.68 at episode 20, 0.05 at the end): R-max's model turns the greedy steps into
-    # successes sooner than Q-learning's table (measured 592 vs 543 of 800; the last 10: 185 of 200)
-    assert late["rmax"] > late["qlearning"] + 25 and late["rmax, last 10"] >= 0.85 * 200, late
-    # the learner is part of the data config: its own cache
-    sets = train.load_episode_sets(tiny(tmp_path, learner="rmax"), "train")
-    assert sets != train.load_episode_sets(tiny(tmp_path), "train")
-    assert len(list((tmp_path / "data").glob("train-*"))) == 2
-
-
-def test_sample_set_weights_counts():
-    # 5x weight on the first half: single draws pick it 5/6 of the time (binomial sd ≈ 0.006 at 4000 draws)
-    rng, weights = random.Random(0), [5.0] * 10 + [1.0] * 10
-    picks = [train.sample_set(weights, 1, rng)[0] < 10 for _ in range(4000)]
-    assert abs(sum(picks) / 4000 - 5 / 6) < 0.03
-    chosen = train.sample_set(weights, 15, rng)
-    assert len(set(chosen)) == 15  # without replacement
-
-
-def test_data_deterministic_cached_and_quality(tmp_path, monkeypatch):
-    cfg = tiny(tmp_path)
-    sets = train.load_episode_sets(cfg, "train")
-    assert len(sets) == cfg.n_maps * cfg.sets_per_map and all(cfg.set_min <= len(s) <= cfg.set_max for s in sets)
-    (where,) = (tmp_path / "data").glob("train-*")
-    manifest = json.loads((where / "manifest.json").read_text())
-    assert manifest["config"]["quality"] == "low" and where.name.endswith(manifest["hash"][:12])
-    # the same config elsewhere generates the same data (seeded), and a second call reads the cache
-    other = train.load_episode_sets(tiny(tmp_path, data_dir=str(tmp_path / "d2")), "train")
-    assert other == sets
-    monkeypatch.setattr(train, "generate_data", lambda dc: pytest.fail("regenerated a cached data set"))
-    assert train.load_episode_sets(cfg, "train") == sets
-    monkeypatch.undo()
-    # a corrupted data file does not match its manifest's checksum: regenerated, same content
-    (where / "episodes.json").write_text((where / "episodes.json").read_text().replace("[", "[ ", 1))
-    assert train.load_episode_sets(cfg, "train") == sets
-    # quality: hi sets hold more successes than mid, low fewer (same Q-learning runs underneath)
-    frac = {}
-    for q in ("hi", "mid", "low"):
-        s = train.load_episode_sets(tiny(tmp_path, quality=q, n_maps=30, set_min=10, set_max=10), "train")
-        frac[q] = sum(sum(e.rewards) > 0 for st in s for e in st) / sum(map(len, s))
-    assert frac["hi"] > frac["mid"] + 0.05 and frac["low"] < frac["mid"] - 0.05, frac
-    assert len(list((tmp_path / "data").glob("train-*"))) == 4  # one dir per data config
-
-
-def test_chronological_sets_keep_the_q_learners_order(tmp_path):
-    """--set-order chronological: the same episodes as the (shuffled) default sets, in the order the Q-learner played
-    them, so successes pile up towards the end of a set (a learning history, as in Algorithm Distillation)."""
-    kw = dict(n_maps=30, set_min=20, set_max=20, canvas=False)  # ordinary states: the episodes as stored
-    shuffled = train.load_episode_sets(tiny(tmp_path, **kw), "train")
-    chrono = train.load_episode_sets(tiny(tmp_path, **kw, set_order="chronological"), "train")
-    (where,) = (tmp_path / "data").glob("train-*")  # one data set on disk: the order is applied when loading
-    data = json.loads((where / "episodes.json").read_text())
-    for (m, r, chosen), a, b in zip(data["sets"], shuffled, chrono):
-        ncol = len(frozenlake.train_maps(30)[m][0])  # loading also records each episode's map width
-        assert a == [dqn.Episode(*data["episodes"][m][r][i], ncol=ncol) for i in chosen]
-        assert b == [dqn.Episode(*data["episodes"][m][r][i], ncol=ncol) for i in sorted(chosen)]
-        assert chosen != sorted(chosen)
-    wins = lambda sets, half: sum(sum(e.rewards) > 0 for s in sets for e in (s[:10] if half == 0 else s[10:]))
-    assert wins(chrono, 1) > 1.5 * wins(chrono, 0)
-    assert abs(wins(shuffled, 1) - wins(shuffled, 0)) < 0.25 * wins(shuffled, 1)
 
 
 def test_small_tokenizer_writes_the_paper_text():
@@ -465,10 +368,10 @@ def test_aux_next_token_loss_reads_the_same_q_values_and_is_logged(tmp_path):
 def test_canvas_sets_sit_at_one_random_offset_each_and_held_out_at_the_origin(tmp_path):
     cfg = tiny(tmp_path, canvas=True, n_maps=8)
     maps = frozenlake.train_maps(cfg.n_maps)
-    plain = train.load_episode_sets(dataclasses.replace(cfg, canvas=False), "train")
-    data = json.loads(next(Path(cfg.data_dir).glob("train-*/episodes.json")).read_text())
+    plain = data.load_episode_sets(dataclasses.replace(cfg, canvas=False), "train")
+    stored = json.loads(next(Path(cfg.data_dir).glob("train-*/episodes.json")).read_text())
     offsets = set()
-    for (m, _, _), before, after in zip(data["sets"], plain, train.load_episode_sets(cfg, "train")):
+    for (m, _, _), before, after in zip(stored["sets"], plain, data.load_episode_sets(cfg, "train")):
         nrow, ncol = len(maps[m]), len(maps[m][0])
         rows = {s // 8 - b // ncol for e, f in zip(before, after) for b, s in zip(e.observations, f.observations)}
         cols = {s % 8 - b % ncol for e, f in zip(before, after) for b, s in zip(e.observations, f.observations)}
@@ -478,7 +381,7 @@ def test_canvas_sets_sit_at_one_random_offset_each_and_held_out_at_the_origin(tm
         assert all(f.ncol == 8 for f in after)
         offsets.add((dr, dc))
     assert len(offsets) > 3
-    held, held_plain = (sum(train.load_episode_sets(c, "heldout"), [])
+    held, held_plain = (sum(data.load_episode_sets(c, "heldout"), [])
                         for c in (cfg, dataclasses.replace(cfg, canvas=False)))
     assert held == [dqn.to_canvas(e) for e in held_plain]  # at (0, 0), as evaluate.py writes the test maps
     run = train.train(dataclasses.replace(cfg, steps=2))
@@ -488,7 +391,7 @@ def test_canvas_sets_sit_at_one_random_offset_each_and_held_out_at_the_origin(tm
     canvas_plain = [[dqn.to_canvas(e) for e in episodes] for episodes in plain]
 
     def at_origin(share):
-        sets = train.load_episode_sets(dataclasses.replace(cfg, canvas_origin_share=share), "train")
+        sets = data.load_episode_sets(dataclasses.replace(cfg, canvas_origin_share=share), "train")
         return sum(a == b for a, b in zip(sets, canvas_plain))
     assert at_origin(1.0) == len(plain) == 16
     assert at_origin(0.0) < at_origin(0.5) < 16
@@ -536,32 +439,6 @@ def test_canvas_stage_starts_at_a_share_of_the_run(tmp_path):
     train.check_config(tiny(tmp_path, online_every=2))  # the origin stage: the model plays where it trains
     train.check_config(tiny(tmp_path, online_every=2, canvas_from=0.0))  # canvas offsets from the start: can play
     train.check_config(tiny(tmp_path, online_every=2, canvas=False))
-
-
-def test_online_sets_move_on_the_canvas_in_the_canvas_stage(tmp_path):
-    """The model plays each online map at the canvas origin, as evaluate.py; in the first stage its episodes stay
-    there, in the canvas stage each map's set moves to one random offset that keeps the map on the 8x8 canvas."""
-    cfg = tiny(tmp_path, online_maps=3)
-    maps = train.online_round_maps(cfg, 250)
-    assert maps == random.Random("0/online250").sample(frozenlake.train_maps(4), 3)
-    sets = [train.q_learning_episodes(desc, 5, 0.5, 0.95, random.Random(i)) for i, desc in enumerate(maps)]
-    for desc, eps in zip(maps, sets):
-        for ep in eps:
-            ep.ncol = len(desc[0])  # as play_maps writes them
-    assert train.online_sets_placed(cfg, 250, sets, canvas_stage=False) is sets
-    placed = train.online_sets_placed(cfg, 250, sets, canvas_stage=True)
-    assert placed == train.online_sets_placed(cfg, 250, sets, canvas_stage=True)  # seeded by the round
-    moved = 0
-    for desc, eps, eps_placed in zip(maps, sets, placed):
-        rows, cols = len(desc), len(desc[0])
-        found = {(s_new // 8 - s // cols, s_new % 8 - s % cols)
-                 for ep, ep_placed in zip(eps, eps_placed) for s, s_new in zip(ep.observations, ep_placed.observations)}
-        (dr, dc), = found  # one offset for the whole set
-        assert 0 <= dr <= 8 - rows and 0 <= dc <= 8 - cols
-        assert all(ep.ncol == 8 and ep.actions == ep0.actions and ep.rewards == ep0.rewards
-                   for ep, ep0 in zip(eps_placed, eps))
-        moved += (dr, dc) != (0, 0)
-    assert moved  # 3 maps of at most 5 x 5 on an 8 x 8 canvas: at least one leaves the origin
 
 
 def test_novelty_bonus_reaches_the_td_loss(tmp_path):
