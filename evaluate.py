@@ -10,10 +10,10 @@ map with the context kept and the warm-up restarted, 30 more). A fifth, ours: `d
 shortest-path episode per start tile in the context, then 3 greedy episodes): does the model follow a success it is
 shown? (`--experiment id --warmup 0 --episodes 3` is the same without the demonstration.)
 
-Every policy goes through one harness (`run_episodes`) with the same maps, schedule and random stream: the model, a
-uniform random policy, tabular Q-learning from scratch, the context planner (planner.py: the policy that
-`--targets planner` trains the model towards, knowing only its history) and the BFS oracle (knows the map). A
-policy is any object with four methods:
+Every policy goes through one harness (`run_episodes`) with the same maps, schedule and random stream: the model and
+the baselines of baselines.py (a uniform random policy, tabular Q-learning from scratch, the context planner of
+planner.py, knowing only its history, and the BFS oracle, which knows the map). A policy is any object with four
+methods:
   reset(n_rows)                          forget everything; rows are maps (one lake per row, all stepping together)
   add_context(row, episode)              an episode to put in the history before the first live one (stitching)
   greedy_actions(rows, maps, episodes)   its greedy action for each row's unfinished episode
@@ -69,6 +69,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+import baselines
 import dqn
 import frozenlake
 import llama
@@ -123,116 +124,6 @@ def schedule(n_episodes, warmup=20):
 def episode_rng(seed, row, k):
     """The shared stream of (map `row`, episode k): its start tile, then per step the coin and the random action."""
     return random.Random(f"icrl-eval/{seed}/{row}/{k}")  # str seeds hash with sha512: stable across versions
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Baseline policies
-
-
-class RandomPolicy:
-    name = "random"
-
-    def __init__(self, seed=0):
-        self.seed = seed
-
-    def reset(self, n_rows):  # one stream per row: a row's draws do not depend on which other rows are still playing
-        self.rngs = [random.Random(f"random-policy/{self.seed}/{row}") for row in range(n_rows)]
-
-    def add_context(self, row, episode):
-        pass
-
-    def greedy_actions(self, rows, maps, episodes):
-        return [int(self.rngs[row].random() * 4) for row in rows]
-
-    def observe(self, row, episode, terminated, done):
-        pass
-
-
-class OraclePolicy:
-    """Always a shortest-path action (BFS over the known map); the first one when several tie."""
-    name = "oracle"
-
-    def reset(self, n_rows):
-        self.tables = {}
-
-    def add_context(self, row, episode):
-        pass
-
-    def greedy_actions(self, rows, maps, episodes):
-        actions = []
-        for desc, ep in zip(maps, episodes):
-            key = tuple(desc)
-            if key not in self.tables:
-                self.tables[key] = frozenlake.optimal_actions(desc)
-            best = self.tables[key][ep.observations[-1]]
-            actions.append(best[0] if best else frozenlake.LEFT)
-        return actions
-
-    def observe(self, row, episode, terminated, done):
-        pass
-
-
-class QLearningPolicy:
-    """Tabular Q-learning from scratch per map: Q(s,a) += α (r + γ max_a' Q(s',a') [not terminal] - Q(s,a))."""
-    name = "q-learning"
-
-    def __init__(self, lr=0.5, gamma=0.9, seed=0):
-        self.lr, self.gamma, self.seed = lr, gamma, seed
-
-    def reset(self, n_rows):
-        self.q = [collections.defaultdict(lambda: [0.0] * 4) for _ in range(n_rows)]
-        self.rngs = [random.Random(f"q-learning-ties/{self.seed}/{row}") for row in range(n_rows)]
-
-    def add_context(self, row, episode):
-        for t in range(len(episode.actions)):
-            terminal = t == len(episode.actions) - 1 and not episode.truncated
-            self._update(row, episode.observations[t], episode.actions[t], episode.rewards[t],
-                         episode.observations[t + 1], terminal)
-
-    def greedy_actions(self, rows, maps, episodes):
-        actions = []
-        for row, ep in zip(rows, episodes):
-            q = self.q[row][ep.observations[-1]]
-            best = [a for a in range(4) if q[a] == max(q)]
-            actions.append(best[int(self.rngs[row].random() * len(best))])  # random tie-break: a zero table explores
-        return actions
-
-    def observe(self, row, episode, terminated, done):
-        self._update(row, episode.observations[-2], episode.actions[-1], episode.rewards[-1],
-                     episode.observations[-1], terminated)
-
-    def _update(self, row, s, a, r, s_next, terminal):
-        q = self.q[row]
-        target = r + (0.0 if terminal else self.gamma * max(q[s_next]))  # truncation is not terminal: bootstrap
-        q[s][a] += self.lr * (target - q[s][a])
-
-
-class PlannerPolicy:
-    """The context planner of planner.py acting on its own history: what `--targets planner` asks the model to
-    compute, so a model trained on those targets can at best match it. Ties broken at random."""
-    name = "planner"
-
-    def __init__(self, gamma=0.9, untried=0.9 ** 8, seed=0):
-        self.gamma, self.untried, self.seed = gamma, untried, seed
-
-    def reset(self, n_rows):
-        self.lakes = [planner.ContextModel() for _ in range(n_rows)]
-        self.rngs = [random.Random(f"planner-ties/{self.seed}/{row}") for row in range(n_rows)]
-
-    def add_context(self, row, episode):
-        self.lakes[row].learn_episode(episode)
-
-    def greedy_actions(self, rows, maps, episodes):
-        actions = []
-        for row, ep in zip(rows, episodes):
-            q = self.lakes[row].q(ep.observations[-1], self.gamma, self.untried)
-            best = [a for a in range(4) if q[a] == max(q)]
-            actions.append(best[int(self.rngs[row].random() * len(best))])
-        return actions
-
-    def observe(self, row, episode, terminated, done):
-        self.lakes[row].learn(episode.observations[-2], episode.actions[-1], episode.observations[-1], terminated,
-                              episode.rewards[-1])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -664,10 +555,10 @@ def evaluate(cfg, policy_model=None):
         seeds = [cfg.seed + i for i in range(cfg.baseline_seeds)]
         jobs = [("model", lambda seed: policy_model, [cfg.seed])] if policy_model is not None else []
         untried = 0.9 ** cfg.planner_untried_steps
-        jobs += [("random", RandomPolicy, seeds), ("q-learning", lambda s: QLearningPolicy(cfg.q_lr, cfg.q_gamma, s),
-                                                    seeds),
-                 ("planner", lambda s: PlannerPolicy(untried=untried, seed=s), seeds),
-                 ("oracle", lambda seed: OraclePolicy(), seeds)]
+        jobs += [("random", baselines.RandomPolicy, seeds),
+                 ("q-learning", lambda s: baselines.QLearningPolicy(cfg.q_lr, cfg.q_gamma, s), seeds),
+                 ("planner", lambda s: baselines.PlannerPolicy(untried=untried, seed=s), seeds),
+                 ("oracle", lambda seed: baselines.OraclePolicy(), seeds)]
         total = sum(len(s) for _, _, s in jobs) * len(map_sequences) * len(probs) * len(map_sequences[0])
         results, model_stats = {}, {}
         with tqdm(total=total, desc=name, unit="episode", disable=not cfg.progress) as bar:

@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+import baselines
 import dqn
 import evaluate
 import frozenlake
@@ -140,7 +141,7 @@ def test_the_random_stream_is_shared_by_all_policies():
     maps = [[m] for m in frozenlake.test_maps()[:10]]
     probs = evaluate.schedule(2)
     paths = [evaluate.run_episodes(p, maps, probs, seed=5)["paths"]
-             for p in (evaluate.RandomPolicy(), evaluate.OraclePolicy(), evaluate.QLearningPolicy(), FixedPolicy())]
+             for p in (baselines.RandomPolicy(), baselines.OraclePolicy(), baselines.QLearningPolicy(), FixedPolicy())]
     assert all(p == paths[0] for p in paths[1:])
 
 
@@ -149,7 +150,7 @@ def test_the_random_stream_is_shared_by_all_policies():
 
 def test_oracle_succeeds_in_every_greedy_episode_along_a_shortest_path():
     maps = frozenlake.test_maps() + frozenlake.ood_maps()
-    out = evaluate.run_episodes(evaluate.OraclePolicy(), [[m] for m in maps], [1.0] * 2, seed=0)
+    out = evaluate.run_episodes(baselines.OraclePolicy(), [[m] for m in maps], [1.0] * 2, seed=0)
     for desc, steps, success, paths in zip(maps, out["steps"], out["success"], out["paths"]):
         assert success == [1.0, 1.0]
         assert steps == [frozenlake.goal_distances(desc)[path[0]] for path in paths]
@@ -158,7 +159,7 @@ def test_oracle_succeeds_in_every_greedy_episode_along_a_shortest_path():
 def test_random_baseline_matches_its_exact_success_probability():
     desc = ["SFFF", "FHFH", "FFFH", "HFFG"]
     exact = exact_random_success(desc)  # ≈ 0.117 (non-slippery, 100 steps)
-    out = evaluate.run_episodes(evaluate.RandomPolicy(), [[desc]] * 20, evaluate.schedule(100, warmup=200), seed=3)
+    out = evaluate.run_episodes(baselines.RandomPolicy(), [[desc]] * 20, evaluate.schedule(100, warmup=200), seed=3)
     n = 20 * 100
     observed = sum(map(sum, out["success"])) / n
     assert abs(observed - exact) <= 4 * math.sqrt(exact * (1 - exact) / n), (observed, exact)
@@ -173,9 +174,9 @@ def test_baselines_on_the_50_id_maps_land_near_findings():
     probs = evaluate.schedule(30)
     random_success, q_last10 = [], []
     for seed in range(4):
-        rand = evaluate.run_episodes(evaluate.RandomPolicy(seed), [[m] for m in maps], [0.0] * 30, seed=seed)
+        rand = evaluate.run_episodes(baselines.RandomPolicy(seed), [[m] for m in maps], [0.0] * 30, seed=seed)
         random_success += [s for row in rand["success"] for s in row]
-        q = evaluate.run_episodes(evaluate.QLearningPolicy(seed=seed), [[m] for m in maps], probs, seed=seed)
+        q = evaluate.run_episodes(baselines.QLearningPolicy(seed=seed), [[m] for m in maps], probs, seed=seed)
         q_last10 += [s for row in q["success"] for s in row[20:]]
     r = sum(random_success) / len(random_success)
     assert abs(r - exact) < 0.03, (r, exact)  # ~6000 episodes: sd ≈ 0.005 (plus map-to-map correlation)

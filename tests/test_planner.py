@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import baselines
 import data
 import dqn
 import evaluate
@@ -166,8 +167,8 @@ def test_planner_policy_solves_held_out_lakes_under_the_warmup_schedule():
     Q-learning by a wide margin (README: 0.998 over all 50 maps and 10 seeds; Q-learning 0.487)."""
     maps = [[m] for m in frozenlake.test_maps()[:20]]
     probs = evaluate.schedule(30)
-    mine = evaluate.run_episodes(evaluate.PlannerPolicy(), maps, probs, seed=0)
-    ql = evaluate.run_episodes(evaluate.QLearningPolicy(), maps, probs, seed=0)
+    mine = evaluate.run_episodes(baselines.PlannerPolicy(), maps, probs, seed=0)
+    ql = evaluate.run_episodes(baselines.QLearningPolicy(), maps, probs, seed=0)
     last10 = [sum(row[20:]) / 10 for row in mine["success"]]
     assert sum(last10) / len(last10) >= 0.95
     assert sum(last10) > sum(sum(row[20:]) / 10 for row in ql["success"]) + 5
