@@ -33,6 +33,7 @@ import dqn  # noqa: E402
 import ia3  # noqa: E402
 import llama  # noqa: E402
 import train  # noqa: E402
+from benchmarks.results import write_section  # noqa: E402
 
 
 def random_batch(cfg, vocab, n_slices, gen, every=10):
@@ -263,15 +264,7 @@ def main():
                   f"over seconds hits both alike); in this run {min(ratios):.2f} to {max(ratios):.2f} over the "
                   f"{len(ratios)} compared rows. 1-minute load average {load_before:.1f} before and {load_after:.1f} after the "
                   f"CPU rows (the absolute tok/s depend on it).", "", f"{gpu_line}.", ""]
-        results = ROOT / "benchmarks" / "RESULTS.md"
-        text = results.read_text() if results.exists() else "# Benchmarks\n"
-        if "## train.py" in text:  # replace only our section, keep the other helpers' ones
-            head, rest = text.split("## train.py", 1)
-            tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
-            text = head + "\n".join(lines) + tail
-        else:
-            text = text.rstrip("\n") + "\n\n" + "\n".join(lines)
-        llama.atomic_write_text(results, text)
+        write_section("## train.py", lines)
 
 
 if __name__ == "__main__":

@@ -583,4 +583,22 @@ def test_bench_eval_runs_the_cpu_presets_model_on_both_paths():
                           "--slow-maps", "1", "--slow-seconds", "5"], capture_output=True, text=True, cwd=root,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert f"({n / 1e6:.2f}M parameters, random weights" in out.stdout and "Speed-up on the same work" in out.stdout
+    assert f"({n / 1e6:.2f}M parameters," in out.stdout and "| random weights | cached + batched |" in out.stdout
+    assert "** random" in out.stdout  # each speed-up names the model it is of
+
+
+def test_results_write_section_replaces_only_its_own_section(tmp_path):
+    """benchmarks/results.py: a benchmark's --write swaps its own `## name` section of RESULTS.md and keeps the others
+    (bench_eval.py used to append a second copy of its section instead)."""
+    from benchmarks.results import write_section
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\n## llama.py\n\nhand-written\n\n## evaluate.py\n\nold table\n\n## train.py\n\nx\n")
+    write_section("## evaluate.py", ["## evaluate.py", "", "new table", ""], path)
+    assert path.read_text() == ("# Benchmark results\n\n## llama.py\n\nhand-written\n\n## evaluate.py\n\nnew table\n"
+                                "\n## train.py\n\nx\n")
+    write_section("## train.py", ["## train.py", "", "y"], path)  # the last section: up to the end of the file
+    assert path.read_text().endswith("## evaluate.py\n\nnew table\n\n## train.py\n\ny\n")
+    write_section("## new.py", ["## new.py", "", "z"], path)  # no such section yet: appended
+    assert path.read_text().count("## ") == 4 and path.read_text().endswith("## train.py\n\ny\n\n## new.py\n\nz\n")
+    with pytest.raises(ValueError, match="must start with its heading"):
+        write_section("## evaluate.py", ["no heading"], path)
