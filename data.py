@@ -1,4 +1,4 @@
-"""The offline data of the paper (§3.2, REFERENCE.md §1): learning histories of a tabular RL agent on Frozen Lake.
+"""The offline data of the paper (§3.2): learning histories of a tabular RL agent on Frozen Lake.
 
 On every training map a tabular Q-learner with ε-greedy exploration (ε linear from 1 to 0.05) runs from scratch; its
 episodes, from early failures to later successes, are the data. Sets of 20-40 episodes of one map are drawn with the
@@ -6,15 +6,10 @@ paper's quality weighting (hi: successes 5x more likely, low: failures 5x, mid: 
 them into context slices (dqn.pack_slices). A data set is generated once per data config and cached on disk beside a
 manifest (the generating config, its hash and the data's checksum): a changed config or a corrupted file regenerates.
 
-Deliberate deviations from the paper (arXiv 2501.14176):
-- The paper's "traditional RL algorithm" is unpublished; we use tabular Q-learning. `--learner rmax` records R-max
-  (model-based, optimistic) instead; it did not help (results/HISTORY.md).
-- The held-out TD loss reads data generated the same way on frozenlake.test_maps() (50 maps, disjoint from the
-  training maps), not a split of the training maps.
-- `--canvas`: states as tiles of an 8x8 canvas, each training set at one random offset (held-out sets at the origin,
-  where evaluate.py plays), so larger maps meet trained tokens.
-- Optional: `--set-order chronological` keeps the Q-learner's order inside a set (the paper shuffles);
-  `--relabel-states` renames each set's states by a random permutation; online rounds add the model's own episodes.
+Where it differs from the paper: its "traditional RL algorithm" is unpublished, we use tabular Q-learning (2 runs of
+60 episodes per map); the held-out TD loss reads data generated the same way on frozenlake.test_maps(); with the
+canvas (cpu preset) each training set sits at a random offset on the 8x8 canvas (held-out sets at the origin, where
+evaluate.py plays), so larger maps meet trained state tokens.
 """
 import hashlib
 import json
@@ -30,7 +25,7 @@ DATA_VERSION = 1  # bump when the generator changes: every cached data set is th
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The learners: tabular Q-learning (the data) and R-max (--learner rmax), from scratch on one map.
+# The learner: tabular Q-learning from scratch on one map.
 
 def epsilon_greedy_episodes(desc, n_episodes, rng: random.Random, values, learn) -> list[dqn.Episode]:
     """The loop both data learners share: ε linear from 1 to 0.05 over the run; a greedy step takes the best of
@@ -67,33 +62,6 @@ def q_learning_episodes(desc, n_episodes, lr, gamma, rng: random.Random) -> list
     return epsilon_greedy_episodes(desc, n_episodes, rng, lambda s: Q[s], learn)
 
 
-def rmax_episodes(desc, n_episodes, gamma, rng: random.Random) -> list[dqn.Episode]:
-    """R-max (Brafman & Tennenholtz 2002) for a deterministic lake, from scratch: it learns the moves it has tried and
-    where episodes ended; an untried (s, a) is worth the maximum reward 1 (optimism), so its greedy policy walks to the
-    nearest untried move until a goal is known, then takes the shortest known path. It knows nothing of the grid.
-    Same ε schedule as q_learning_episodes (epsilon_greedy_episodes)."""
-    n = len(desc) * len(desc[0])
-    move = [[None] * 4 for _ in range(n)]  # the learned model: s, a -> s' (None: untried)
-    ended = {}                              # a state where an episode terminated -> its reward (1 goal, 0 hole)
-    q = []                                  # the current plan, Q(s, a)
-
-    def plan():  # value iteration on the learned model: Q(s, a) = 1 untried, r at an end, else γ·max Q(s', ·)
-        v = [0.0] * n
-        for _ in range(n + 1):
-            q[:] = [[1.0 if t is None else ended[t] if t in ended else gamma * v[t] for t in move[s]]
-                    for s in range(n)]
-            v = [max(row) for row in q]
-
-    def learn(s, a, r, s2, terminated):
-        if move[s][a] is None:  # a goal or hole ends the episode whenever it is entered: first entry tells
-            move[s][a] = s2
-            if terminated:
-                ended[s2] = float(r)
-            plan()  # replan only when the model learned something
-    plan()
-    return epsilon_greedy_episodes(desc, n_episodes, rng, lambda s: q[s], learn)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # A data set: every map's learning runs, then sets of 20-40 episodes of one map drawn with the quality weighting.
 
@@ -108,13 +76,17 @@ def sample_set(weights: list[float], n: int, rng: random.Random) -> list[int]:
     return sorted(range(len(weights)), key=lambda i: -keys[i])[:n]
 
 
-def data_config(cfg: "train.TrainConfig", split: str) -> dict:
+# The learner's settings: 2 runs of 60 episodes per map (each distinct episode is drawn into ~14 sets of the paper
+# preset's 58 per map), Q-learning step size 0.5, discount 0.95; sets of 20-40 episodes (the paper's).
+LEARNER = {"qlearn_runs": 2, "qlearn_episodes": 60, "qlearn_lr": 0.5, "qlearn_gamma": 0.95, "set_min": 20,
+           "set_max": 40, "data_seed": 0}
+
+
+def data_config(cfg, split: str) -> dict:
     maps = frozenlake.train_maps(cfg.n_maps) if split == "train" else frozenlake.test_maps()
-    return {"version": DATA_VERSION, "split": split, "maps": maps, "qlearn_runs": cfg.qlearn_runs,
-            "learner": cfg.learner, "qlearn_episodes": cfg.qlearn_episodes, "qlearn_lr": cfg.qlearn_lr,
-            "qlearn_gamma": cfg.qlearn_gamma,
-            "sets_per_map": cfg.sets_per_map if split == "train" else cfg.heldout_sets_per_map,
-            "set_min": cfg.set_min, "set_max": cfg.set_max, "quality": cfg.quality, "data_seed": cfg.data_seed}
+    return {"version": DATA_VERSION, "split": split, "maps": maps, "learner": "qlearning", **LEARNER,
+            "sets_per_map": cfg.sets_per_map if split == "train" else 1,
+            "quality": cfg.quality}
 
 
 def generate_data(dc: dict) -> dict:
@@ -124,8 +96,7 @@ def generate_data(dc: dict) -> dict:
         runs = []
         for r in range(dc["qlearn_runs"]):
             rng = random.Random(f"{dc['data_seed']}/{dc['split']}/{m}/{r}")  # str seeds are stable across versions
-            eps = (rmax_episodes(desc, dc["qlearn_episodes"], dc["qlearn_gamma"], rng) if dc["learner"] == "rmax"
-                   else q_learning_episodes(desc, dc["qlearn_episodes"], dc["qlearn_lr"], dc["qlearn_gamma"], rng))
+            eps = q_learning_episodes(desc, dc["qlearn_episodes"], dc["qlearn_lr"], dc["qlearn_gamma"], rng)
             runs.append([[e.observations, e.actions, e.rewards, e.truncated] for e in eps])
         episodes.append(runs)
     rng, sets = random.Random(f"{dc['data_seed']}/{dc['split']}/sets"), []
@@ -143,9 +114,10 @@ def generate_data(dc: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 # The sets on disk: generated once per data config, then read back and placed on the canvas.
 
-def load_episode_sets(cfg: "train.TrainConfig", split: str) -> list[list[dqn.Episode]]:
+def load_episode_sets(cfg, split: str, canvas_origin=False) -> list[list[dqn.Episode]]:
     """The episode sets of a split, generated once per data config into data_dir/<split>-<hash>/ (data, then the
-    manifest, each written atomically; a dir without a matching manifest is regenerated)."""
+    manifest, each written atomically; a dir without a matching manifest is regenerated). With cfg.canvas the
+    training sets sit at random canvas offsets, or all at the origin (canvas_origin: the curriculum's first stage)."""
     dc = data_config(cfg, split)
     digest = hashlib.sha256(json.dumps(dc, sort_keys=True).encode()).hexdigest()
     where = Path(cfg.data_dir) / f"{split}-{digest[:12]}"
@@ -159,8 +131,7 @@ def load_episode_sets(cfg: "train.TrainConfig", split: str) -> list[list[dqn.Epi
                     "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         llama.atomic_write_text(manifest_file, json.dumps(manifest, indent=1))
     data = json.loads(text)
-    order = sorted if cfg.set_order == "chronological" else list  # the stored sets are shuffled
-    sets = [[dqn.Episode(*data["episodes"][m][r][i]) for i in order(chosen)] for m, r, chosen in data["sets"]]
+    sets = [[dqn.Episode(*data["episodes"][m][r][i]) for i in chosen] for m, r, chosen in data["sets"]]
     for (m, _, _), episodes in zip(data["sets"], sets):
         for ep in episodes:
             ep.ncol = len(dc["maps"][m][0])
@@ -168,8 +139,7 @@ def load_episode_sets(cfg: "train.TrainConfig", split: str) -> list[list[dqn.Epi
         rng = random.Random(f"{cfg.seed}/canvas")
         for i, (m, _, _) in enumerate(data["sets"]):
             rows, cols = len(dc["maps"][m]), len(dc["maps"][m][0])
-            at_origin = split != "train" or (cfg.canvas_origin_share and rng.random() < cfg.canvas_origin_share)
-            offset = (0, 0) if at_origin else canvas_offset(rows, cols, rng)
+            offset = (0, 0) if split != "train" or canvas_origin else canvas_offset(rows, cols, rng)
             sets[i] = [dqn.to_canvas(ep, *offset) for ep in sets[i]]
     return sets
 
@@ -179,40 +149,20 @@ def canvas_offset(rows: int, cols: int, rng: random.Random) -> tuple[int, int]:
     return int(rng.random() * (dqn.CANVAS - rows + 1)), int(rng.random() * (dqn.CANVAS - cols + 1))
 
 
-def relabel_states(episode_sets: list[list[dqn.Episode]], rng: random.Random) -> list[list[dqn.Episode]]:
-    """Each set's states renamed by its own random permutation of 0..63 (the dynamics are unchanged)."""
-    out = []
-    for episodes in episode_sets:
-        perm = rng.sample(range(64), 64)
-        out.append([dqn.Episode([perm[s] for s in e.observations], e.actions, e.rewards, e.truncated, e.ncol)
-                    for e in episodes])
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Online rounds (--online-every, the paper's §4.6 proposal): the model's own episodes join the data.
 
-def play_maps(model, adapter, fmt, maps, context_len, seed) -> list[list[dqn.Episode]]:
-    """The model's own episodes: each map played for 30 episodes under evaluate.py's warm-up schedule (the model's
-    greedy action with probability floor(k/2)/10, else random; greedy from episode 20), one set per map."""
-    import evaluate  # here, not at the top: evaluate.py imports train.py, which imports this module
-    was_training = model.training
-    model.eval()
-    policy = evaluate.ModelPolicy(model, fmt, adapter, context=context_len)
-    out = evaluate.run_episodes(policy, [[m] for m in maps], evaluate.schedule(30), seed=seed)
-    model.train(was_training)
-    return [[dqn.Episode(obs, acts, [0.0] * (len(acts) - 1) + [won], trunc, ncol=len(maps[r][0]))
-             for obs, acts, won, trunc in zip(out["paths"][r], out["actions"][r], out["success"][r],
-                                              out["truncated"][r])] for r in range(len(maps))]
+ONLINE_MAPS = 50  # training maps the model plays per round (a fresh seeded draw each round)
+ONLINE_KEEP = 4   # rounds kept in the pool; older ones are forgotten
 
 
-def online_round_maps(cfg: "train.TrainConfig", step: int) -> list[list[str]]:
+def online_round_maps(cfg, step: int) -> list[list[str]]:
     """The training maps the model plays in the online round at this step (a seeded draw per round)."""
     return random.Random(f"{cfg.seed}/online{step}").sample(frozenlake.train_maps(cfg.n_maps),
-                                                           min(cfg.online_maps, cfg.n_maps))
+                                                           min(ONLINE_MAPS, cfg.n_maps))
 
 
-def online_sets_placed(cfg: "train.TrainConfig", step: int, sets: list[list[dqn.Episode]], canvas_stage: bool):
+def online_sets_placed(cfg, step: int, sets: list[list[dqn.Episode]], canvas_stage: bool):
     """The episode sets the model played in the round at `step`, as the data of the current stage: the model plays at
     the canvas origin (as evaluate.py does), so in the canvas stage each map's set moves to a random offset on the
     canvas, one per set, as the Q-learner's training sets do (load_episode_sets)."""

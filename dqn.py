@@ -1,6 +1,6 @@
 """In-context RL as deep Q-learning on token sequences: the trajectory format, packing, and the double-DQN objective.
 
-Follows "RL + Transformer = A General-Purpose Problem Solver" (arXiv 2501.14176, REFERENCE.md §1). Episodes of Frozen
+Follows "RL + Transformer = A General-Purpose Problem Solver" (arXiv 2501.14176, §3.1-3.3). Episodes of Frozen
 Lake are written as text in Llama 3's chat blocks, many episodes of one map in one context; the language model's
 logit of an action word, read at the token that predicts it, is Q(h, a) for the history h up to that token. No value
 head. The model is trained with double DQN on those logits:
@@ -26,11 +26,10 @@ The text format (Llama 3 tokenizers), one episode:
     <|start_header_id|>edit<|end_header_id|>...<|eot_id|>                 only when cut by the step limit
     <|end_of_text|>
 
-(no newlines anywhere; they are only shown here). Order chosen: a step is action → next observation → reward, as
-gymnasium's step() returns (obs, reward) and as REFERENCE.md's example `... obs(9) ... reward(1.0) <|end_of_text|>`
-reads; the final observation (the goal or hole reached) is written, so the reward follows the goal's number. A
-reward block can only appear on the last step in Frozen Lake, so the Q positions never see a reward of their own
-episode. The edit block comes after the last observation, right before <|end_of_text|>.
+(no newlines anywhere; they are only shown here). A step is action → next observation → reward, as gymnasium's
+step() returns (obs, reward); the final observation (the goal or hole reached) is written, so the reward follows the
+goal's number. A reward block only appears on an episode's last step, so no Q position sees its own episode's
+reward. The edit block comes after the last observation, right before <|end_of_text|>.
 
 ChatML tokenizers (SmolLM2) have no Llama 3 header tokens. Mapping: a block is `<|im_start|>ROLE\\nTEXT<|im_end|>`
 (ChatML's own shape, without the "\\n" between blocks, as the Llama 3 format has none); <|begin_of_text|> → nothing
@@ -49,29 +48,14 @@ slice. Every action therefore has its next action (or its episode's end) in the 
 episode longer than the context alone cannot be placed: it is dropped and a warning gives the number dropped and the
 actions lost (a looping 100-step episode is ≈ 1000 tokens in this format).
 
-The compact format (`CompactFormat`, our deviation for the small from-scratch model; the paper's text stays the
-default of the IA3 presets): one special token per observation, action and outcome (≈ 2 tokens per step instead of
-≈ 10), and after each finished episode a hindsight recap, one token per distinct (state, action) tagged goal / hole /
-wall / other (`recap_steps`). A causal model cannot see, at a step, how that step's episode ended; the recap writes
-the outcome onto the (state, action) so that a later episode finds "this action from this state reached the goal" in
-one attention lookup. It is built from the episode alone (no map knowledge), so it is available at evaluation time.
-With `facts=True` (train.py's `--facts-tokens`, the cpu default) one more token follows each observation and is the
-Q position: FACT_TOKENS[facts_index(f)], f = what the context so far (the slice's earlier episodes in training, the
-row's history in evaluate.py) and the episode's earlier steps show about the state's 4 moves, 0 untried, 1 dead end,
-2 open (planner.ContextModel.facts). "Untried" is an absence in the context, which the small model read poorly.
+The compact format (`CompactFormat`, our deviation for the small from-scratch model; the IA3 presets write the
+paper's text): one token per observation, action and outcome, a hindsight recap after each finished episode (one
+token per distinct (state, action) tagged goal / hole / wall / other: under causal attention a step cannot see how
+its own episode ended), optionally states as tiles of an 8 x 8 canvas and a facts token after each observation (what
+the context so far shows about the state's 4 moves, planner.ContextModel.facts), which is then the Q position. Both
+are written from the context alone, so evaluation writes them the same way.
 
-Deviations and options: `monte_carlo_targets` regresses Q on the discounted return of the action's own episode
-(y = reward_scale · γ^(T−1−t) · R) instead of Eq. 6, without a target network;
-`td_loss(normalize_by_mean_target=True)` divides each sequence's error by the detached mean |target| of that
-sequence, as the authors' code does (the paper does not mention it); the mean is floored at 1 so a sequence of
-all-zero targets (only failures) does not blow up. Padded action slots of a batch are masked out.
 `next_token_loss` is an auxiliary language-model loss on the trajectory (every token but the actions), our addition.
-`pack_slices(plan=...)` also records, at every action, the context planner's values of all four actions and which of
-them are one-hop facts (planner.py), and the taken action's value along known moves only (`proven`, untried moves
-worth 0: the return of the shortest path to a goal the context shows, train.py's `--proven-floor`) and which moves
-are known to leave the state unchanged (`walls`, train.py's `--wall-targets`); `td_loss` then
-takes (B, P, 4) targets and a mask of the (slot, action) pairs to regress (train.py's `--targets optimistic` and
-`planner`).
 """
 import random
 import warnings
@@ -285,7 +269,7 @@ class CompactFormat:
         return [self._id(f"<|recap_{s}_{ACTION_WORDS[a]}_{tag}|>") for s, a, tag in recap_steps(ep)]
 
 
-FACT_TOKENS = [f"<|reserved_special_token_{i}|>" for i in range(22, 22 + 81)]  # 3^4 combinations, after FACT_PROBES
+FACT_TOKENS = [f"<|reserved_special_token_{i}|>" for i in range(22, 22 + 81)]  # 3^4 combinations (ids 22+: 10-21 stay unused)
 
 
 def facts_index(facts: list[int]) -> int:
@@ -352,23 +336,11 @@ class Slice:
     rewards: list[float] = field(default_factory=list)     # unscaled episode reward at an episode's last action, else 0
     is_last: list[bool] = field(default_factory=list)      # last action of its episode: no bootstrap
     next_index: list[int] = field(default_factory=list)    # index of the same episode's next action, -1 if last
-    to_go: list[int] = field(default_factory=list)         # actions after this one in its episode (Monte-Carlo)
-    returns: list[float] = field(default_factory=list)     # its episode's reward (0 if truncated), at every action
-    novel: list[bool] = field(default_factory=list)        # the action reached a state not yet in this slice
-    planner_q: list[list[float]] = field(default_factory=list)  # the context planner's 4 Q-values (planner.py)
-    settled: list[list[bool]] = field(default_factory=list)     # which of them are one-hop facts (untried or an end)
-    hopped: list[list[bool]] = field(default_factory=list)      # which are settled only by a path of <= hops moves
-    proven: list[float] = field(default_factory=list)  # the taken action's value along known moves only (untried 0)
-    walls: list[list[bool]] = field(default_factory=list)  # which of the 4 moves are known to leave the state unchanged
-    facts: list[list[int]] = field(default_factory=list)   # each move: 0 untried, 1 dead end, 2 open (ContextModel.facts)
-    seen: set = field(default_factory=set, repr=False)     # states written in this slice so far
     # the slice's lake in written (canvas) states: the facts tokens' source (CompactFormat.facts)
     written: planner.ContextModel = field(default_factory=planner.ContextModel, repr=False)
-    lake: planner.ContextModel = field(default_factory=planner.ContextModel, repr=False)  # what the slice shows
 
 
-def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[int], plan=None, proven=False,
-                    hops=0):
+def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[int]):
     offset, first, n = len(s.tokens), len(s.actions), len(ep.actions)
     s.tokens += tokens
     s.q_positions += [offset + p for p in q_positions]
@@ -377,33 +349,12 @@ def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[
     s.rewards += [episode_reward if t == n - 1 else 0.0 for t in range(n)]
     s.is_last += [t == n - 1 for t in range(n)]
     s.next_index += [first + t + 1 if t < n - 1 else -1 for t in range(n)]
-    s.to_go += [n - 1 - t for t in range(n)]
-    s.returns += [episode_reward] * n
-    s.seen.add(ep.observations[0])
-    for state in ep.observations[1:]:
-        s.novel.append(state not in s.seen)
-        s.seen.add(state)
-    if plan is not None:  # Q(h_t, ·) from the slice's context before step t, then step t joins it
-        for t, (obs, a, nxt, r) in enumerate(zip(ep.observations, ep.actions, ep.observations[1:], ep.rewards)):
-            s.planner_q.append(s.lake.q(obs, *plan))
-            one_hop = s.lake.settled(obs)
-            s.settled.append(s.lake.settled(obs, hops) if hops else one_hop)
-            s.hopped.append([h and not o for h, o in zip(s.settled[-1], one_hop)])
-            if proven:  # a second plan (untried worth 0): only when asked, it doubles the planning at start-up
-                s.proven.append(s.lake.q(obs, plan[0], 0.0)[a])
-            s.walls.append(s.lake.walls(obs))
-            s.facts.append(s.lake.facts(obs))
-            s.lake.learn(obs, a, nxt, t == n - 1 and not ep.truncated, r)
 
 
 def pack_slices(episode_sets: list[list[Episode]], fmt: TrajectoryFormat, context_len: int,
-                rng: random.Random, plan: tuple[float, float] | None = None, proven: bool = False,
-                hops: int = 0) -> list[Slice]:
+                rng: random.Random) -> list[Slice]:
     """Sets of episodes of one map each (in the caller's order) -> slices of at most context_len tokens.
-    Episodes are shuffled within their set by rng and never split (cut rule in the module docstring).
-    plan = (γ, untried value): also the context planner's Q-values at every action (planner.py, Slice.planner_q);
-    proven (with plan): also the taken action's value along known moves only (Slice.proven);
-    hops (with plan): Slice.settled also marks known moves within that many hops of an exit (ContextModel.settled)."""
+    Episodes are shuffled within their set by rng and never split (cut rule in the module docstring)."""
     if context_len < 1:
         raise ValueError(f"context_len must be positive, got {context_len}")
     slices, current, dropped, lost = [], Slice(), 0, 0
@@ -427,7 +378,7 @@ def pack_slices(episode_sets: list[list[Episode]], fmt: TrajectoryFormat, contex
                     tokens, q_positions = tokenize_episode(ep, fmt, lake=written)
             if with_facts:
                 current.written = written
-            _append_episode(current, ep, tokens, q_positions, plan, proven, hops)
+            _append_episode(current, ep, tokens, q_positions)
     if current.tokens:
         slices.append(current)
     if dropped:
@@ -446,27 +397,14 @@ def collate(slices: list[Slice], pad_id: int) -> dict[str, torch.Tensor]:
            "q_positions": torch.zeros(B, P, dtype=torch.long), "actions": torch.zeros(B, P, dtype=torch.long),
            "rewards": torch.zeros(B, P), "is_last": torch.ones(B, P, dtype=torch.bool),
            "next_index": torch.full((B, P), -1, dtype=torch.long), "mask": torch.zeros(B, P, dtype=torch.bool),
-           "to_go": torch.zeros(B, P, dtype=torch.long), "returns": torch.zeros(B, P),
-           "novel": torch.zeros(B, P), "planner_q": torch.zeros(B, P, 4),
-           "settled": torch.zeros(B, P, 4, dtype=torch.bool), "hopped": torch.zeros(B, P, 4, dtype=torch.bool),
-           "proven": torch.zeros(B, P),
-           "walls": torch.zeros(B, P, 4, dtype=torch.bool), "facts": torch.zeros(B, P, 4, dtype=torch.long),
            "lm_mask": torch.zeros(B, T, dtype=torch.bool)}
     for b, s in enumerate(slices):
         n = len(s.actions)
         out["tokens"][b, :len(s.tokens)] = torch.tensor(s.tokens, dtype=torch.long)
         out["lm_mask"][b, :len(s.tokens) - 1] = True  # position t predicts token t+1: real tokens only ...
         out["lm_mask"][b, s.q_positions] = False       # ... and not the actions: their logits are Q-values
-        for key in ("q_positions", "actions", "rewards", "is_last", "next_index", "to_go", "returns", "novel"):
+        for key in ("q_positions", "actions", "rewards", "is_last", "next_index"):
             out[key][b, :n] = torch.tensor(getattr(s, key), dtype=out[key].dtype)
-        if s.planner_q:
-            out["planner_q"][b, :n] = torch.tensor(s.planner_q)
-            out["settled"][b, :n] = torch.tensor(s.settled)
-            out["hopped"][b, :n] = torch.tensor(s.hopped)
-            if s.proven:
-                out["proven"][b, :n] = torch.tensor(s.proven)
-            out["walls"][b, :n] = torch.tensor(s.walls)
-            out["facts"][b, :n] = torch.tensor(s.facts)
         out["mask"][b, :n] = True
     return out
 
@@ -496,21 +434,6 @@ def bellman_targets(q_online, q_target, batch, gamma=0.9, reward_scale=30.0) -> 
     return torch.where(is_last, final, bootstrap)
 
 
-def monte_carlo_targets(batch, gamma=0.9, reward_scale=30.0, novelty_bonus=0.0) -> torch.Tensor:
-    """y_t = reward_scale · γ^(T−1−t) · R: the discounted return of each action's own episode (our option, not the
-    paper's: no target network, no bootstrapping; R = 0 for failed or truncated episodes). (B, P).
-    novelty_bonus β > 0 adds β · Σ_{k≥t} γ^(k−t) · novel_k, an exploration bonus for every later step of the episode
-    that reached a state the context had not shown yet (count-based exploration, our option)."""
-    y = reward_scale * batch["returns"].float() * gamma ** batch["to_go"].float()
-    if novelty_bonus:
-        novel, nxt, last = batch["novel"].float(), batch["next_index"].clamp(min=0), batch["is_last"]
-        g = torch.zeros_like(novel)                                   # g_t = novel_t + γ·g_{t+1}, backwards
-        for t in reversed(range(novel.shape[1])):                     # an episode's next action is at a later slot
-            g[:, t] = novel[:, t] + torch.where(last[:, t], 0.0, gamma * g.gather(1, nxt[:, t:t + 1])[:, 0])
-        y = y + novelty_bonus * g
-    return y
-
-
 def next_token_loss(logits, batch) -> torch.Tensor:
     """Our auxiliary loss (not the paper's): cross-entropy of the next token at every position except the Q positions,
     (B, T, V) -> (). It asks the model to predict the next observation from (state, action), the hole or goal that
@@ -522,34 +445,11 @@ def next_token_loss(logits, batch) -> torch.Tensor:
     return (nll * mask).sum() / mask.sum().clamp(min=1)
 
 
-FACT_PROBES = [f"<|reserved_special_token_{i}|>" for i in range(10, 22)]  # 4 moves x (untried, dead end, open)
-
-
-def facts_loss(logits_at_q, batch) -> torch.Tensor:
-    """Our auxiliary loss (not the paper's): at each Q position, cross-entropy of what the context shows about each
-    of the 4 moves (Slice.facts) against the LM-head logits of the 12 FACT_PROBES tokens, (B, P, 12) -> ()."""
-    mask = batch["mask"].to(logits_at_q.device).float()                                     # (B, P)
-    nll = F.cross_entropy(logits_at_q.float().view(*mask.shape, 4, 3).flatten(0, 2),
-                          batch["facts"].to(logits_at_q.device).flatten(), reduction="none")
-    return (nll.view(*mask.shape, 4).mean(-1) * mask).sum() / mask.sum().clamp(min=1)
-
-
-def td_loss(q_online, targets, batch, normalize_by_mean_target=False, action_mask=None) -> torch.Tensor:
-    """Eq. 7: mean over real action slots of (Q_θ(h_t, a_t) − y_t)²; optionally the authors' per-sequence scaling.
-    Targets (B, P, 4) (one per action: the context planner's) regress all four Q-values, or those action_mask (B, P, 4)
-    selects: the mean over the selected (slot, action) pairs."""
-    mask = batch["mask"].to(q_online.device).float()                                          # (B, P)
-    if targets.dim() == 3:
-        selected = torch.ones_like(targets) if action_mask is None else action_mask.to(mask.device).float()
-        mask = mask[..., None] * selected                                                     # (B, P, 4)
-        q = q_online
-    else:
-        q = q_online.gather(2, batch["actions"].to(q_online.device)[..., None]).squeeze(-1)  # (B, P) Q_θ(h_t, a_t)
-    error = q - targets.detach()
-    if normalize_by_mean_target:  # divide by the detached mean |y| of each sequence (floored at 1, see docstring)
-        scale = (targets.detach().abs() * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1)  # (B,)
-        error = error / scale.clamp(min=1.0).view(-1, *[1] * (error.dim() - 1))
-    return (error.pow(2) * mask).sum() / mask.sum().clamp(min=1)
+def td_loss(q_online, targets, batch) -> torch.Tensor:
+    """Eq. 7: mean over the real action slots of (Q_θ(h_t, a_t) − y_t)², (B, P, 4), (B, P) -> ()."""
+    mask = batch["mask"].to(q_online.device).float()                                         # (B, P)
+    q = q_online.gather(2, batch["actions"].to(q_online.device)[..., None]).squeeze(-1)    # (B, P) Q_θ(h_t, a_t)
+    return ((q - targets.detach()).pow(2) * mask).sum() / mask.sum().clamp(min=1)
 
 
 @torch.no_grad()

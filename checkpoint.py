@@ -1,0 +1,157 @@
+"""A training run on disk: its directory, atomic checkpoints, and resuming from the newest readable one.
+
+    RUN/checkpoints/step_NNNNNN/   train_config.json, manifest.json (the step, file hashes, the base model's identity),
+                                   model/ target/ ema/ (cpu preset) or adapter/ target_adapter/ ema_adapter/ (IA3),
+                                   optimizer.pt, trainer_state.pt (step, RNG states, the online rounds' episodes)
+    RUN/latest                     the newest complete checkpoint, relative to RUN
+    RUN/metrics.jsonl, RUN/loss.png
+
+A checkpoint is written into a temporary directory and renamed into place, so a kill leaves either the old or the
+new one, never half of one (a temporary directory a kill left behind is removed at the next start). Nothing that
+is not finite is ever saved. The newest KEEP checkpoints by step number are kept.
+"""
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+import llama
+
+KEEP = 2  # checkpoints kept per run (the newest by step)
+RUN_FILES = ("checkpoints", "latest", "metrics.jsonl", "loss.png")  # what train.py writes into a run dir
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated or does not match: the message names the file."""
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_torch(path: Path, **kw):
+    try:
+        return torch.load(path, **kw)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except Exception as e:  # truncated zip, wrong pickle, ...: torch raises many kinds
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def weights_fingerprint(model) -> str:
+    """A cheap identity of a model's weights: sha256 of its norm weights (they differ between, e.g., Llama 3.1 8B and
+    8B-Instruct, whose shapes are the same)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, newest step first."""
+    return sorted((Path(run_dir) / "checkpoints").glob("step_[0-9]*"), key=step_of, reverse=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    latest = Path(run_dir) / "latest"
+    return Path(run_dir) / latest.read_text().strip() if latest.is_file() else None
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool):
+    """Refuse to mix two runs in one directory; remove the temporary directories of a save a kill interrupted."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {run_dir} is a file: give a directory")
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if held and not resume:
+        if not overwrite:
+            raise ValueError(f"{run_dir} already holds a run ({', '.join(held)}): add --resume to continue it, or "
+                             f"give another --out, or --overwrite to delete it and start again")
+        for name in held:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for tmp in (run_dir / "checkpoints").glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def all_finite(modules) -> bool:
+    return all(torch.isfinite(p).all() for m in modules if m is not None for p in m.parameters())
+
+
+def save(run_dir: Path, step: int, config: dict, write_weights, optimizer, trainer_state: dict,
+         identity: dict) -> Path:
+    """write_weights(tmp_dir) writes the model directories; the rest is written here, then renamed into place."""
+    final = run_dir / "checkpoints" / f"step_{step:06d}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
+    try:
+        llama.atomic_write_text(tmp / "train_config.json", json.dumps(config, indent=1))
+        write_weights(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        files = {str(p.relative_to(tmp)): file_hash(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        llama.atomic_write_text(tmp / "manifest.json", json.dumps({"step": step, "files": files, **identity},
+                                                                  indent=1))
+        if final.exists():  # the same step saved twice (periodic + final): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    llama.atomic_write_text(run_dir / "latest", str(final.relative_to(run_dir)))
+    for old in checkpoints(run_dir)[KEEP:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify(ckpt: Path, needed: list[str]) -> dict:
+    """The checkpoint's manifest, after checking that every file it lists is there with its hash (else a
+    CheckpointError naming the file) and that it saved each of `needed` (else a ValueError: the run never had it)."""
+    manifest = read_json(ckpt / "manifest.json")
+    for name, digest in manifest.get("files", {}).items():
+        if not (ckpt / name).is_file():
+            raise CheckpointError(f"{ckpt / name}: missing")
+        if file_hash(ckpt / name) != digest:
+            raise CheckpointError(f"{ckpt / name}: changed since it was saved (hash mismatch)")
+    for name in needed:
+        if not (ckpt / name).exists():
+            raise ValueError(f"{ckpt} has no {name}/, which this run needs (a run saved with other settings); "
+                             f"resume with the settings it was trained with, or start another --out")
+    return manifest
+
+
+def resume_point(run_dir: Path, needed: list[str]) -> Path:
+    """The newest checkpoint that verifies. An unreadable newer one is renamed unreadable-step_N (kept, never
+    deleted) with a warning that names the file, and the one before it is used."""
+    found = checkpoints(run_dir)
+    if not found:
+        raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint; drop --resume to start a new run")
+    for ckpt in found:
+        try:
+            verify(ckpt, needed)
+        except CheckpointError as e:
+            aside = ckpt.with_name(f"unreadable-{ckpt.name}")
+            os.replace(ckpt, aside)
+            warnings.warn(f"--resume: skipping {ckpt.name}: {e}; moved it to {aside.name}", stacklevel=2)
+            continue
+        llama.atomic_write_text(run_dir / "latest", str(ckpt.relative_to(run_dir)))
+        return ckpt
+    raise CheckpointError(f"--resume: no readable checkpoint in {run_dir} (see the warnings above); start a new run "
+                          f"with another --out")

