@@ -148,6 +148,14 @@ class KVCache:
 
 def attention(q, k, v, mask, causal, use_sdpa):
     """q (B, H, T, D); k, v (B, Hkv, L, D); mask (B, 1, T, L) bool (True = attend) or None -> (B, H, T, D)."""
+    if use_sdpa and mask is not None and k.shape[1] != q.shape[1]:
+        # SDPA's GQA with a mask falls back to the math kernel on CUDA, which copies K/V per query head; fold the
+        # query heads of each KV head into the sequence instead: (B, Hkv, rep·T, D) reads its own K/V, no copies
+        B, H, T, D = q.shape
+        rep = H // k.shape[1]
+        mask = mask[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, 1, rep * T, -1)  # (B, 1, rep·T, L)
+        out = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], rep * T, D), k, v, attn_mask=mask)
+        return out.view(B, H, T, D)
     if use_sdpa:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                               enable_gqa=k.shape[1] != q.shape[1])
