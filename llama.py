@@ -298,11 +298,20 @@ def hf_names(args: ModelArgs) -> dict:
     return names
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def _checkpoint_files(path: Path) -> dict:
     """HF tensor name -> safetensors file, from the index's weight_map or the single model.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _read_json(index).get("weight_map") if isinstance(_read_json(index), dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object (not a safetensors index)")
         for file in sorted(set(weight_map.values())):
             if not (path / file).exists():
                 raise FileNotFoundError(f"{path / file}: shard listed in {index.name} is missing")
@@ -328,9 +337,19 @@ def load(path, device="cpu", dtype=None) -> Transformer:
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json (expected an HF checkpoint directory)")
-    cfg = json.loads((path / "config.json").read_text())
-    args = ModelArgs.from_hf_config(cfg)
-    dtype = dtype or getattr(torch, str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").split(".")[-1])
+    cfg = _read_json(path / "config.json")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path / 'config.json'}: expected a JSON object, got {type(cfg).__name__}")
+    try:
+        args = ModelArgs.from_hf_config(cfg)
+    except KeyError as e:
+        raise ValueError(f"{path / 'config.json'}: no {e.args[0]!r} (not an HF LLaMA config)") from None
+    except ValueError as e:
+        raise ValueError(f"{path / 'config.json'}: {e}".replace("config.json: ", "", 1)) from None
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").split(".")[-1]
+    if dtype is None and not isinstance(getattr(torch, name, None), torch.dtype):
+        raise ValueError(f"{path / 'config.json'}: unknown dtype {name!r} (float32, bfloat16, float16)")
+    dtype = dtype or getattr(torch, name)
     names = hf_names(args)
     with torch.device("meta"):
         model = Transformer(args)
@@ -353,7 +372,10 @@ def load(path, device="cpu", dtype=None) -> Transformer:
                     shape = tuple(f.get_slice(name).get_shape())
                     if shape != expected[name]:
                         raise ValueError(f"{file}: tensor {name} has shape {shape}, expected {expected[name]}")
-                    state[hf_to_ours[name]] = f.get_tensor(name).to(dtype)  # no copy when dtype already matches
+                    tensor = f.get_tensor(name)
+                    if not tensor.is_floating_point():
+                        raise ValueError(f"{file}: tensor {name} is {tensor.dtype}, expected floating-point weights")
+                    state[hf_to_ours[name]] = tensor.to(dtype)  # no copy when dtype already matches
         except (KeyError, ValueError):
             raise
         except Exception as e:  # safetensors' own errors: bad header, file shorter than its header says
