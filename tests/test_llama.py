@@ -307,6 +307,43 @@ def test_error_wrong_shape(tmp_path):
         llama.load(tmp_path)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("{", r"config.json: not valid JSON"),
+    ("[1, 2]", r"config.json: expected a JSON object, got list"),
+    ("drop hidden_size", r"config.json: no 'hidden_size'"),
+    ("dtype float99", r"config.json: unknown dtype 'float99'"),
+])
+def test_error_bad_config_names_the_file(tmp_path, text, message):
+    hf_model(4, 2, False, None).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    if text == "drop hidden_size":
+        text = json.dumps({k: v for k, v in cfg.items() if k != "hidden_size"})
+    elif text == "dtype float99":
+        text = json.dumps({**cfg, "dtype": "float99", "torch_dtype": "float99"})
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=str(tmp_path).replace("\\", "/") + "/" + message):
+        llama.load(tmp_path)
+
+
+def test_error_bad_index_names_the_file(sharded):
+    (sharded / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match="model.safetensors.index.json: no 'weight_map'"):
+        llama.load(sharded)
+    (sharded / "model.safetensors.index.json").write_text("{oops")
+    with pytest.raises(ValueError, match="model.safetensors.index.json: not valid JSON"):
+        llama.load(sharded)
+
+
+def test_error_integer_tensor_is_refused_not_cast(tmp_path):
+    from safetensors.torch import load_file, save_file
+    hf_model(4, 2, False, None).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].round().to(torch.int32)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="tensor model.norm.weight is torch.int32, expected floating-point"):
+        llama.load(tmp_path)
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_error_corrupt_or_truncated(tmp_path, damage):
     hf_model(4, 2, False, None).save_pretrained(tmp_path)
