@@ -155,7 +155,7 @@ def attention(q, k, v, mask, causal, use_sdpa):
         rep = H // k.shape[1]
         mask = mask[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, 1, rep * T, -1)  # (B, 1, rep·T, L)
         out = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], rep * T, D), k, v, attn_mask=mask)
-        return out.view(B, H, T, D)
+        return out.reshape(B, H, T, D)  # CUDA's fused kernels return a transposed (B, rep·T, Hkv, D) buffer
     if use_sdpa:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                               enable_gqa=k.shape[1] != q.shape[1])

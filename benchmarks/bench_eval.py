@@ -1,9 +1,9 @@
 """Evaluation speed: environment steps per second of evaluate.py's model path, KV-cached + batched vs recompute.
 
-The workload is the paper's protocol on the 50 held-out maps × 30 episodes (evaluate.run_episodes, warm-up schedule)
-with the cpu preset's model (train.small_model: 4 layers, width 128, 1024-token context), with random weights (the
+The workload is the paper's protocol on the 50 held-out maps × 30 episodes (rollout.run_episodes, warm-up schedule)
+with the cpu preset's model (policy.small_model: 4 layers, width 128, 1024-token context), with random weights (the
 speed does not depend on them, but a random policy loops to the 100-step limit, so contexts are long and overflow
-often: a heavy case) and, with --run RUN, also a trained checkpoint (train.load_policy), each in one table.
+often: a heavy case) and, with --run RUN, also a trained checkpoint (policy.load_policy), each in one table.
 
 1. The cached + batched path plays the whole 50 × 30 protocol; steps/s = environment steps / seconds.
 2. The recompute path (whole context of every row at every step) is time-boxed on a subset of the maps (--slow-maps):
@@ -26,8 +26,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import evaluate  # noqa: E402
 import frozenlake  # noqa: E402
+import policy  # noqa: E402
+import rollout  # noqa: E402
 from benchmarks.results import write_section  # noqa: E402
 
 
@@ -64,7 +65,7 @@ def timed(policy, maps, probs, calls=None, seconds=None):
     budget = Budget(policy, calls, seconds)
     t0 = time.perf_counter()
     try:
-        evaluate.run_episodes(budget, maps, probs, seed=0)
+        rollout.run_episodes(budget, maps, probs, seed=0)
     except StopAfter:
         pass
     return budget.steps, budget.n_calls, time.perf_counter() - t0
@@ -72,16 +73,16 @@ def timed(policy, maps, probs, calls=None, seconds=None):
 
 def measure(model, adapter, fmt, maps, probs, args) -> dict:
     """The three timings of one model: the full cached run, the time-boxed recompute run, the cached replay of it."""
-    fast = evaluate.ModelPolicy(model, fmt, adapter)
+    fast = rollout.ModelPolicy(model, fmt, adapter)
     steps, calls, seconds = timed(fast, maps, probs)
     print(f"cached+batched, {len(maps)} maps, full run: {steps} steps in {calls} batched steps, {seconds:.1f} s, "
           f"{steps / seconds:.0f} steps/s, {fast.overflows} context overflows")
     subset = maps[:args.slow_maps]
-    s_steps, s_calls, s_seconds = timed(evaluate.ModelPolicy(model, fmt, adapter, recompute=True), subset, probs,
+    s_steps, s_calls, s_seconds = timed(rollout.ModelPolicy(model, fmt, adapter, recompute=True), subset, probs,
                                         seconds=args.slow_seconds)
     print(f"recompute, {len(subset)} maps, time-boxed: {s_steps} steps in {s_calls} batched steps, {s_seconds:.1f} s, "
           f"{s_steps / s_seconds:.1f} steps/s")
-    p_steps, p_calls, p_seconds = timed(evaluate.ModelPolicy(model, fmt, adapter), subset, probs, calls=s_calls)
+    p_steps, p_calls, p_seconds = timed(rollout.ModelPolicy(model, fmt, adapter), subset, probs, calls=s_calls)
     assert p_steps == s_steps, "the two paths did not play the same steps"
     print(f"cached+batched, the same steps: {p_steps} steps, {p_seconds:.2f} s, {p_steps / p_seconds:.0f} steps/s")
     return {"rows": [("cached + batched", f"{len(maps)} maps × {len(probs)} episodes (whole run; {fast.overflows} "
@@ -111,14 +112,14 @@ def main():
     import train
     models = []
     if args.run:
-        model, adapter, _, fmt = train.load_policy(args.run, device=args.device)
+        model, adapter, _, fmt = policy.load_policy(args.run, device=args.device)
         models.append((f"trained (`--run {args.run}`)", "trained", model, adapter, fmt))
     cfg = train.make_config("cpu")  # its format, vocabulary and facts tokens, as `python train.py` builds them
-    tokenizer = train.small_tokenizer(cfg.format)
-    model = train.small_model(cfg, tokenizer.n_words, tokenizer.special_tokens).eval().to(args.device)
-    models.append(("random weights", "random", model, None, train.trajectory_format(cfg, tokenizer)))
+    tokenizer = policy.small_tokenizer(cfg.format)
+    model = policy.small_model(cfg, tokenizer.n_words, tokenizer.special_tokens).eval().to(args.device)
+    models.append(("random weights", "random", model, None, policy.trajectory_format(cfg, tokenizer)))
     maps = [[m] for m in frozenlake.test_maps()[:args.maps]]
-    probs = evaluate.schedule(args.episodes)
+    probs = rollout.schedule(args.episodes)
 
     results = []
     for name, short, model, adapter, fmt in models:

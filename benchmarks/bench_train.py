@@ -7,9 +7,9 @@ repeats. Rows:
   full  - the cpu preset's model: all weights of the small random-init LLaMA trained; target = a deepcopy.
   ia3   - the IA3 presets' step on the same shape: frozen base, IA3 online + target adapter
           (ours: two IA3 objects on one model; PEFT: two named adapters, switched with set_adapter).
-  default - ours only: the step `python train.py` runs (train.td_loss_on with the cpu preset's targets and
-          next-token loss, gradient clipping, AdamW, the target's Polyak and the --ema average), same batch.
-          transformers has no such step to compare with; the row shows what the default's extras cost.
+  default - ours only: the step `python train.py` runs (train.td_loss_on: the same double-DQN targets plus the cpu
+          preset's next-token loss, gradient clipping, AdamW, the target's Polyak and the --ema average), same
+          batch. transformers has no such step to compare with; the row shows what the default's extras cost.
   gpu   - ours only: the llama3.1-8b preset's step on an 8B-shaped model (llama.ModelArgs() defaults, random bf16
           weights, fp32 IA3) at 4096 tokens, gradient checkpointing + bf16 autocast as train.py on CUDA, with MFU.
           Only on CUDA (skipped, and said so, without one).
@@ -32,28 +32,24 @@ sys.path.insert(0, str(ROOT))
 import dqn  # noqa: E402
 import ia3  # noqa: E402
 import llama  # noqa: E402
+import policy  # noqa: E402
 import train  # noqa: E402
 from benchmarks.results import write_section  # noqa: E402
 
 
 def random_batch(cfg, vocab, n_slices, gen, every=10):
     """Slices like the real data: one Q position every `every` tokens (the paper's text: ~10; the compact format
-    with facts tokens: 3), episodes of ~8 actions, and random context-planner fields for the optimistic targets.
-    The values are random; the cost of a step depends only on the shapes."""
+    with facts tokens: 3), episodes of ~8 actions. The values are random; the cost of a step depends only on the
+    shapes."""
     T, slices = cfg.context_len, []
     for _ in range(n_slices):
         qp = list(range(8, T - 2, every))
         n = len(qp)
         last = [(i + 1) % 8 == 0 or i == n - 1 for i in range(n)]
-        flags = lambda: (torch.rand(n, 4, generator=gen) < 0.3).tolist()  # noqa: E731
         slices.append(dqn.Slice(tokens=torch.randint(0, vocab, (T,), generator=gen).tolist(), q_positions=qp,
                                 actions=torch.randint(0, 4, (n,), generator=gen).tolist(),
                                 rewards=[float(lst) for lst in last], is_last=last,
-                                next_index=[-1 if lst else i + 1 for i, lst in enumerate(last)],
-                                to_go=[7 - i % 8 for i in range(n)], returns=[float(i % 16 < 8) for i in range(n)],
-                                novel=[False] * n, planner_q=torch.rand(n, 4, generator=gen).tolist(),
-                                settled=flags(), hopped=flags(), walls=flags(),
-                                facts=torch.randint(0, 3, (n, 4), generator=gen).tolist()))
+                                next_index=[-1 if lst else i + 1 for i, lst in enumerate(last)]))
     return dqn.collate(slices, 0)
 
 
@@ -71,7 +67,7 @@ def our_step(model, adapter, target, target_adapter, optimizer, batch, ids, cfg,
 
 def default_step(model, target, ema, optimizer, batch, ids, cfg):
     """The cpu preset's step as train.train runs it, on one micro-batch."""
-    loss, aux = train.td_loss_on(batch, model, None, target, None, ids, cfg, contextlib.nullcontext, cfg.aux_lm)
+    loss, aux = train.td_loss_on(batch, model, None, target, None, ids, cfg, contextlib.nullcontext)
     optimizer.zero_grad()
     (loss + cfg.aux_lm * aux if aux is not None else loss).backward()
     if cfg.grad_clip > 0:
@@ -120,11 +116,11 @@ def hf_step(model, target, optimizer, batch, ids, cfg, peft_params=None):
 
 def bench_cpu(repeats):
     cfg = train.make_config("cpu")
-    tok = train.small_tokenizer(cfg.format)  # the cpu preset's vocabulary (compact format: 1698 tokens)
-    ours = train.small_model(cfg, tok.n_words)
+    tok = policy.small_tokenizer(cfg.format)  # the cpu preset's vocabulary (compact format: 1698 tokens)
+    ours = policy.small_model(cfg, tok.n_words)
     rows, gen = [], torch.Generator().manual_seed(0)
     batch = random_batch(cfg, tok.n_words, cfg.micro_batch, gen, every=3 if cfg.format == "compact" else 10)
-    ids = torch.tensor(train.trajectory_format(cfg, tok).action_ids)
+    ids = torch.tensor(policy.trajectory_format(cfg, tok).action_ids)
     tokens = batch["tokens"].numel()
     for kind in ("full", "ia3", "default"):
         if kind == "default":
@@ -140,7 +136,7 @@ def bench_cpu(repeats):
             ours_tps = tokens / statistics.median(times)
             rows.append((kind, f"{cfg.micro_batch}x{cfg.context_len}", ours_tps, None, None))
             print(f"{kind:5s} {cfg.micro_batch}x{cfg.context_len}: ours {ours_tps:7.0f} tok/s "
-                  f"(targets {cfg.targets}, next-token loss weight {cfg.aux_lm:g}; no transformers counterpart)")
+                  f"(double-DQN targets, next-token loss weight {cfg.aux_lm:g}; no transformers counterpart)")
             continue
         model = copy.deepcopy(ours)
         hf = hf_twin(ours)
@@ -203,7 +199,7 @@ def bench_gpu(repeats, peak_tflops, n_tokens=4096):
                 p.normal_(0.0, 0.02)
     model.eval().requires_grad_(False)
     model.gradient_checkpointing = True
-    adapter = ia3.IA3(model)  # fp32 vectors on the bf16 base, as train.build_policy
+    adapter = ia3.IA3(model)  # fp32 vectors on the bf16 base, as policy.build_policy
     target_adapter = adapter.copy()
     opt = torch.optim.AdamW(adapter.parameters(), lr=1e-2, weight_decay=0.01, foreach=True)
     batch = random_batch(cfg, model.args.vocab_size, 1, torch.Generator().manual_seed(0))
@@ -243,7 +239,7 @@ def main():
     load_before = os.getloadavg()[0]
     rows = bench_cpu(a.repeats)
     cfg = train.make_config("cpu")
-    ours_dim, ours_layers, vocab = cfg.dim, cfg.n_layers, train.small_tokenizer(cfg.format).n_words
+    ours_dim, ours_layers, vocab = cfg.dim, cfg.n_layers, policy.small_tokenizer(cfg.format).n_words
     load_after = os.getloadavg()[0]
     gpu_line = bench_gpu(a.repeats, a.peak_tflops)
     print(gpu_line)
@@ -253,7 +249,7 @@ def main():
                  "target Q, double-DQN targets, TD loss, backward, AdamW, Polyak) of the cpu preset's shape "
                  "(d{}, {} layers, {}-token vocabulary), float32 on CPU ({} threads, {} cores), median of the repeats, "
                  "ours and transformers interleaved in one process; `default`: the step `python train.py` runs "
-                 "(its targets and next-token loss, clipping, the --ema average), ours only.".format(
+                 "(the same targets plus its next-token loss, clipping, the --ema average), ours only.".format(
                      ours_dim, ours_layers, vocab, torch.get_num_threads(), os.cpu_count()),
                  "", "| step | batch | ours tok/s | transformers (+ PEFT) tok/s | ratio (median of paired runs) |",
                  "|---|---|---|---|---|"]

@@ -1,6 +1,6 @@
-"""data.py: the Q-learners' histories replay in the environment and improve, R-max learns faster, the quality
-weighting, the on-disk cache (deterministic, read back, regenerated when corrupted), chronological sets, and where the
-online rounds' sets sit on the canvas."""
+"""data.py: the Q-learner's histories replay in the environment and improve, the quality weighting (arXiv 2501.14176,
+§3.2), the on-disk cache (deterministic, read back, regenerated when corrupted), and where the sets sit on the
+canvas: the Q-learner's and the online rounds'."""
 import json
 import random
 
@@ -12,11 +12,16 @@ import frozenlake
 import train
 
 
+@pytest.fixture(autouse=True)
+def small_learner(monkeypatch):
+    """One 24-episode Q-learning run per map, sets of 4-8 episodes."""
+    for key, value in dict(qlearn_runs=1, qlearn_episodes=24, set_min=4, set_max=8).items():
+        monkeypatch.setitem(data.LEARNER, key, value)
+
+
 def data_config(tmp_path, **kw):
-    """The data fields of a train.py config, small: 4 maps, one 24-episode run each, sets of 4-8 episodes."""
-    base = dict(n_maps=4, qlearn_runs=1, qlearn_episodes=24, sets_per_map=2, heldout_sets_per_map=1, set_min=4,
-                set_max=8, data_dir=str(tmp_path / "data"))
-    return train.make_config("cpu", **{**base, **kw})
+    """The data fields of a train.py config, small: 4 maps, 2 sets each."""
+    return train.make_config("cpu", **{**dict(n_maps=4, sets_per_map=2, data_dir=str(tmp_path / "data")), **kw})
 
 
 def test_q_learning_episodes_replay_in_the_env_and_improve():
@@ -43,26 +48,6 @@ def assert_replays(desc, ep):
     assert ep.truncated == (truncated and not terminated)
 
 
-def test_rmax_episodes_replay_and_learn_faster_than_q_learning(tmp_path):
-    maps = frozenlake.train_maps()[:20]
-    late = {"rmax": 0, "qlearning": 0}
-    for m, desc in enumerate(maps):
-        rmax = data.rmax_episodes(desc, 60, 0.95, random.Random(m))
-        for ep in rmax:
-            assert_replays(desc, ep)
-        late["rmax"] += sum(sum(e.rewards) > 0 for e in rmax[20:])
-        late["qlearning"] += sum(sum(e.rewards) > 0 for e in data.q_learning_episodes(desc, 60, 0.5, 0.95,
-                                                                                       random.Random(m))[20:])
-        late["rmax, last 10"] = late.get("rmax, last 10", 0) + sum(sum(e.rewards) > 0 for e in rmax[-10:])
-    # same ε schedule (still 0.68 at episode 20, 0.05 at the end): R-max's model turns the greedy steps into
-    # successes sooner than Q-learning's table (measured 592 vs 543 of 800; the last 10: 185 of 200)
-    assert late["rmax"] > late["qlearning"] + 25 and late["rmax, last 10"] >= 0.85 * 200, late
-    # the learner is part of the data config: its own cache
-    sets = data.load_episode_sets(data_config(tmp_path, learner="rmax"), "train")
-    assert sets != data.load_episode_sets(data_config(tmp_path), "train")
-    assert len(list((tmp_path / "data").glob("train-*"))) == 2
-
-
 def test_sample_set_weights_counts():
     # 5x weight on the first half: single draws pick it 5/6 of the time (binomial sd ≈ 0.006 at 4000 draws)
     rng, weights = random.Random(0), [5.0] * 10 + [1.0] * 10
@@ -73,9 +58,9 @@ def test_sample_set_weights_counts():
 
 
 def test_data_deterministic_cached_and_quality(tmp_path, monkeypatch):
-    cfg = data_config(tmp_path)
+    cfg, generate = data_config(tmp_path), data.generate_data
     sets = data.load_episode_sets(cfg, "train")
-    assert len(sets) == cfg.n_maps * cfg.sets_per_map and all(cfg.set_min <= len(s) <= cfg.set_max for s in sets)
+    assert len(sets) == cfg.n_maps * cfg.sets_per_map and all(4 <= len(s) <= 8 for s in sets)
     (where,) = (tmp_path / "data").glob("train-*")
     manifest = json.loads((where / "manifest.json").read_text())
     assert manifest["config"]["quality"] == "low" and where.name.endswith(manifest["hash"][:12])
@@ -84,41 +69,62 @@ def test_data_deterministic_cached_and_quality(tmp_path, monkeypatch):
     assert other == sets
     monkeypatch.setattr(data, "generate_data", lambda dc: pytest.fail("regenerated a cached data set"))
     assert data.load_episode_sets(cfg, "train") == sets
-    monkeypatch.undo()
+    monkeypatch.setattr(data, "generate_data", generate)
     # a corrupted data file does not match its manifest's checksum: regenerated, same content
     (where / "episodes.json").write_text((where / "episodes.json").read_text().replace("[", "[ ", 1))
     assert data.load_episode_sets(cfg, "train") == sets
     # quality: hi sets hold more successes than mid, low fewer (same Q-learning runs underneath)
     frac = {}
+    monkeypatch.setitem(data.LEARNER, "set_min", 10)
+    monkeypatch.setitem(data.LEARNER, "set_max", 10)
     for q in ("hi", "mid", "low"):
-        s = data.load_episode_sets(data_config(tmp_path, quality=q, n_maps=30, set_min=10, set_max=10), "train")
+        s = data.load_episode_sets(data_config(tmp_path, quality=q, n_maps=30), "train")
         frac[q] = sum(sum(e.rewards) > 0 for st in s for e in st) / sum(map(len, s))
     assert frac["hi"] > frac["mid"] + 0.05 and frac["low"] < frac["mid"] - 0.05, frac
     assert len(list((tmp_path / "data").glob("train-*"))) == 4  # one dir per data config
 
 
-def test_chronological_sets_keep_the_q_learners_order(tmp_path):
-    """--set-order chronological: the same episodes as the (shuffled) default sets, in the order the Q-learner played
-    them, so successes pile up towards the end of a set (a learning history, as in Algorithm Distillation)."""
-    kw = dict(n_maps=30, set_min=20, set_max=20, canvas=False)  # ordinary states: the episodes as stored
-    shuffled = data.load_episode_sets(data_config(tmp_path, **kw), "train")
-    chrono = data.load_episode_sets(data_config(tmp_path, **kw, set_order="chronological"), "train")
-    (where,) = (tmp_path / "data").glob("train-*")  # one data set on disk: the order is applied when loading
+def set_offsets(sets, stored, maps):
+    """The canvas offset of each loaded set, found from its states against the stored (map-numbered) episodes: one
+    (row, col) shift for every state of the set, else an AssertionError."""
+    offsets = []
+    for (m, r, chosen), loaded in zip(stored["sets"], sets):
+        cols = len(maps[m][0])
+        raw = [dqn.Episode(*stored["episodes"][m][r][i]) for i in chosen]  # the stored order: the packing's input
+        assert [e.actions for e in loaded] == [e.actions for e in raw] and all(e.ncol == 8 for e in loaded)
+        (offset,) = {(s_new // 8 - s // cols, s_new % 8 - s % cols)
+                     for e, e_raw in zip(loaded, raw) for s, s_new in zip(e_raw.observations, e.observations)}
+        assert 0 <= offset[0] <= 8 - len(maps[m]) and 0 <= offset[1] <= 8 - cols
+        offsets.append(offset)
+    return offsets
+
+
+def test_sets_on_the_canvas(tmp_path):
+    """Without the canvas the sets are the stored episodes in the stored order (with their map's width); on the canvas
+    each training set sits at one random offset (the curriculum's first stage: all at the origin, canvas_origin), the
+    held-out sets at the origin, where evaluate.py plays."""
+    cfg = data_config(tmp_path, n_maps=12, canvas=False)
+    plain = data.load_episode_sets(cfg, "train")
+    (where,) = (tmp_path / "data").glob("train-*")
+    stored, maps = json.loads((where / "episodes.json").read_text()), frozenlake.train_maps(12)
+    for (m, r, chosen), loaded in zip(stored["sets"], plain):
+        assert loaded == [dqn.Episode(*stored["episodes"][m][r][i], ncol=len(maps[m][0])) for i in chosen]
+    canvas = data_config(tmp_path, n_maps=12)
+    offsets = set_offsets(data.load_episode_sets(canvas, "train"), stored, maps)
+    assert len(set(offsets)) > 3  # 24 sets of maps of at most 5 x 5: spread over the canvas
+    assert offsets == set_offsets(data.load_episode_sets(canvas, "train"), stored, maps)  # seeded
+    assert set(set_offsets(data.load_episode_sets(canvas, "train", canvas_origin=True), stored, maps)) == {(0, 0)}
+    test = data.load_episode_sets(canvas, "test")
+    (where,) = (tmp_path / "data").glob("test-*")
     stored = json.loads((where / "episodes.json").read_text())
-    for (m, r, chosen), a, b in zip(stored["sets"], shuffled, chrono):
-        ncol = len(frozenlake.train_maps(30)[m][0])  # loading also records each episode's map width
-        assert a == [dqn.Episode(*stored["episodes"][m][r][i], ncol=ncol) for i in chosen]
-        assert b == [dqn.Episode(*stored["episodes"][m][r][i], ncol=ncol) for i in sorted(chosen)]
-        assert chosen != sorted(chosen)
-    wins = lambda sets, half: sum(sum(e.rewards) > 0 for s in sets for e in (s[:10] if half == 0 else s[10:]))
-    assert wins(chrono, 1) > 1.5 * wins(chrono, 0)
-    assert abs(wins(shuffled, 1) - wins(shuffled, 0)) < 0.25 * wins(shuffled, 1)
+    assert len(test) == 50 and set(set_offsets(test, stored, frozenlake.test_maps())) == {(0, 0)}
 
 
-def test_online_sets_move_on_the_canvas_in_the_canvas_stage(tmp_path):
+def test_online_sets_move_on_the_canvas_in_the_canvas_stage(tmp_path, monkeypatch):
     """The model plays each online map at the canvas origin, as evaluate.py; in the first stage its episodes stay
     there, in the canvas stage each map's set moves to one random offset that keeps the map on the 8x8 canvas."""
-    cfg = data_config(tmp_path, online_maps=3)
+    monkeypatch.setattr(data, "ONLINE_MAPS", 3)
+    cfg = data_config(tmp_path)
     maps = data.online_round_maps(cfg, 250)
     assert maps == random.Random("0/online250").sample(frozenlake.train_maps(4), 3)
     sets = [data.q_learning_episodes(desc, 5, 0.5, 0.95, random.Random(i)) for i, desc in enumerate(maps)]

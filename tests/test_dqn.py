@@ -9,6 +9,7 @@ import torch
 import dqn
 import ia3
 import llama
+import policy
 from dqn import Episode
 
 LEFT, DOWN, RIGHT, UP = 0, 1, 2, 3
@@ -255,9 +256,12 @@ def test_td_loss_by_hand(llama3_fmt):
     errors = [[-1., 0., 2., 4., 0.], [2., -4.]]
     plain = sum(e * e for row in errors for e in row) / 7
     torch.testing.assert_close(dqn.td_loss(q, y, batch), torch.tensor(plain))
-    # authors' option: each row's errors divided by its mean |y| over real slots (row 0: 10/5 = 2, row 1: 15/2 = 7.5)
-    norm = (sum((e / 2.0) ** 2 for e in errors[0]) + sum((e / 7.5) ** 2 for e in errors[1])) / 7
-    torch.testing.assert_close(dqn.td_loss(q, y, batch, normalize_by_mean_target=True), torch.tensor(norm))
+    q.requires_grad_(True)  # the gradient reaches only the taken actions' Q-values of real slots: 2 (Q - y) / 7
+    dqn.td_loss(q, y, batch).backward()
+    expected = torch.zeros(2, 5, 4)
+    expected[0, [0, 1, 2, 3, 4], [RIGHT, DOWN, RIGHT, LEFT, UP]] = torch.tensor(errors[0]) * 2 / 7
+    expected[1, [0, 1], [LEFT, UP]] = torch.tensor(errors[1]) * 2 / 7
+    torch.testing.assert_close(q.grad, expected)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -293,11 +297,11 @@ def test_polyak_by_hand():
         dqn.polyak_update([torch.zeros(2)], [torch.zeros(3)])
 
 
-def td_step_loss(model, target_model, online_adapter, target_adapter, batch, fmt, normalize=False):
+def td_step_loss(model, target_model, online_adapter, target_adapter, batch, fmt):
     q_online = dqn.q_values(model, batch["tokens"], batch["q_positions"], fmt.action_ids, online_adapter)
     q_target = dqn.q_values(target_model, batch["tokens"], batch["q_positions"], fmt.action_ids, target_adapter)
     y = dqn.bellman_targets(q_online, q_target, batch)
-    return dqn.td_loss(q_online, y, batch, normalize_by_mean_target=normalize), y
+    return dqn.td_loss(q_online, y, batch), y
 
 
 def test_no_gradient_reaches_the_target():
@@ -334,16 +338,15 @@ def test_one_optimizer_step_lowers_the_td_loss():
     model = tiny_model(tok.n_words, seed=1)
     target_model = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    for normalize in (False, True):
-        loss, y = td_step_loss(model, target_model, None, None, batch, fmt, normalize)
+    for _ in range(2):
+        loss, y = td_step_loss(model, target_model, None, None, batch, fmt)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         dqn.polyak_update(target_model.parameters(), model.parameters(), alpha=0.1)
         with torch.no_grad():
-            after = dqn.td_loss(dqn.q_values(model, batch["tokens"], batch["q_positions"], fmt.action_ids), y, batch,
-                                normalize_by_mean_target=normalize)
-        assert after < loss.detach(), (normalize, float(loss), float(after))
+            after = dqn.td_loss(dqn.q_values(model, batch["tokens"], batch["q_positions"], fmt.action_ids), y, batch)
+        assert after < loss.detach(), (float(loss), float(after))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -351,8 +354,7 @@ def test_one_optimizer_step_lowers_the_td_loss():
 
 @pytest.fixture(scope="module")
 def compact():
-    import train
-    tok = train.small_tokenizer("compact")
+    tok = policy.small_tokenizer("compact")
     return tok, dqn.TrajectoryFormat.for_tokenizer(tok)
 
 
@@ -388,9 +390,8 @@ def test_compact_text_q_positions_and_recap(compact):
 
 def test_compact_recap_embeddings_start_composed():
     import train
-    tok = train.small_tokenizer("compact")
-    model = train.small_model(train.make_config(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64),
-                              tok.n_words, tok.special_tokens)
+    tok = policy.small_tokenizer("compact")
+    model = policy.small_model(train.make_config(dim=64, n_layers=1), tok.n_words, tok.special_tokens)
     e = model.tok_embeddings.weight.detach()
     sp = tok.special_tokens
     tag = {t: e[sp[f"<|recap_3_left_{t}|>"]] - e[sp["<|obs_3|>"]] - e[sp["<|act_left|>"]] for t in dqn.RECAP_TAGS}
@@ -438,21 +439,6 @@ def test_canvas_states_by_hand(compact):
         dqn.to_canvas(ep, 0, 6)
     with pytest.raises(ValueError, match="leaves the 8x8 canvas"):
         dqn.to_canvas(Episode([0, 7], [DOWN], [0.0], ncol=1), 1, 0)
-
-
-def test_novelty_bonus_by_hand(compact):
-    tok, fmt = compact
-    # 0 -right-> 1 -right-> 2 -left-> 1 (seen) -down-> 5 (goal); then another episode 0 -down-> 4 (a new state)
-    first = Episode([0, 1, 2, 1, 5], [RIGHT, RIGHT, LEFT, DOWN], [0.0, 0.0, 0.0, 1.0])
-    second = Episode([0, 4], [DOWN], [0.0])
-    (sl,) = dqn.pack_slices([[first], [second]], fmt, 4096, random.Random(0))
-    assert sl.novel == [True, True, False, True, True]
-    batch = dqn.collate([sl], fmt.eos[0])
-    plain = dqn.monte_carlo_targets(batch, gamma=0.5, reward_scale=30.0)
-    assert plain.tolist() == [[3.75, 7.5, 15.0, 30.0, 0.0]]  # 30 · 0.5^(T-1-t) · R
-    # bonus 2 · (novel_t + 0.5 novel_t+1 + ...): 1.625, 1.25, 0.5, 1 within the first episode, 1 for the second
-    with_bonus = dqn.monte_carlo_targets(batch, gamma=0.5, reward_scale=30.0, novelty_bonus=2.0)
-    torch.testing.assert_close(with_bonus - plain, torch.tensor([[3.25, 2.5, 1.0, 2.0, 2.0]]))
 
 
 def test_facts_tokens_by_hand(compact):

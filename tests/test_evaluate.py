@@ -1,20 +1,29 @@
-"""evaluate.py: the paper's warm-up schedule, the shared random stream, the baselines against exact values, the
-KV-cached batched model path against recomputing the whole context, ModelPolicy driven by an oracle Q-function, the
-stitching context, the context-overflow policy, the non-stationary map switch, determinism, loading a train.py run,
-and the baselines against FINDINGS.md's numbers."""
+"""evaluate.py and rollout.py: the paper's warm-up schedule (arXiv 2501.14176, §4.1), the shared random stream, the
+baselines against exact values, the KV-cached batched model path against recomputing the whole context, ModelPolicy
+driven by an oracle Q-function, the stitching context, the context-overflow policy, the non-stationary map switch,
+determinism, playing the maps in groups, attention's kernel choice, loading a train.py run and refusing bad ones in
+one line, and the baselines against an independent implementation's numbers."""
 import copy
 import json
 import math
 import re
+import shutil
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import baselines
+import checkpoint
+import data
 import dqn
 import evaluate
 import frozenlake
 import llama
+import policy
+import rollout
 import train
 
 
@@ -26,7 +35,7 @@ def tiny_model(max_seq_len=4096, seed=0, fmt="paper"):
     moves the Q-values with the context (at a small init every state answers the same action). The tests comparing
     cached and recomputed argmaxes assert their own margin (`assert_same_q`): top-two gaps ≥ 1e-3, against ~1e-5 of
     float difference between the two paths."""
-    tokenizer = train.small_tokenizer(fmt)
+    tokenizer = policy.small_tokenizer(fmt)
     args = llama.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.n_words, ffn_dim=64,
                            rope_theta=10000.0, rope_scaling=None, max_seq_len=max_seq_len)
     torch.manual_seed(seed)
@@ -48,12 +57,12 @@ def exact_random_success(desc, max_steps=100):
     return sum(v[s] for s in env.starts) / len(env.starts)
 
 
-def record_q(policy):
+def record_q(player):
     """Keeps every Q-value tensor a ModelPolicy's Q computation (cached or recompute path) returns, in call order."""
     qs = []
     for name in ("_q_cached", "_q_recompute"):
-        compute = getattr(policy, name)
-        setattr(policy, name, lambda rows, compute=compute: qs.append(compute(rows)) or qs[-1])
+        compute = getattr(player, name)
+        setattr(player, name, lambda rows, compute=compute: qs.append(compute(rows)) or qs[-1])
     return qs
 
 
@@ -112,16 +121,16 @@ class Recorder(FixedPolicy):
 
 def test_schedule_is_the_papers():
     expected = [0, 0, .1, .1, .2, .2, .3, .3, .4, .4, .5, .5, .6, .6, .7, .7, .8, .8, .9, .9] + [1.0] * 10
-    assert evaluate.schedule(30) == pytest.approx(expected, abs=1e-12)
-    assert evaluate.schedule(3, warmup=0) == [1.0, 1.0, 1.0]
+    assert rollout.schedule(30) == pytest.approx(expected, abs=1e-12)
+    assert rollout.schedule(3, warmup=0) == [1.0, 1.0, 1.0]
 
 
 def test_random_or_greedy_choice_follows_the_schedule():
     maps = [[m] for m in frozenlake.test_maps()]
-    probs = evaluate.schedule(20)  # 0, 0, 0.1, ..., 0.9, 0.9
+    probs = rollout.schedule(20)  # 0, 0, 0.1, ..., 0.9, 0.9
     greedy, steps, right = [0] * 20, [0] * 20, [0] * 20
     for seed in range(4):
-        out = evaluate.run_episodes(FixedPolicy(), maps, probs, seed=seed)
+        out = rollout.run_episodes(FixedPolicy(), maps, probs, seed=seed)
         for row in range(len(maps)):
             for k in range(20):
                 greedy[k] += out["greedy_steps"][row][k]
@@ -139,8 +148,8 @@ def test_random_or_greedy_choice_follows_the_schedule():
 def test_the_random_stream_is_shared_by_all_policies():
     """Episodes 0 and 1 are fully random: every policy walks the same paths there."""
     maps = [[m] for m in frozenlake.test_maps()[:10]]
-    probs = evaluate.schedule(2)
-    paths = [evaluate.run_episodes(p, maps, probs, seed=5)["paths"]
+    probs = rollout.schedule(2)
+    paths = [rollout.run_episodes(p, maps, probs, seed=5)["paths"]
              for p in (baselines.RandomPolicy(), baselines.OraclePolicy(), baselines.QLearningPolicy(), FixedPolicy())]
     assert all(p == paths[0] for p in paths[1:])
 
@@ -150,7 +159,7 @@ def test_the_random_stream_is_shared_by_all_policies():
 
 def test_oracle_succeeds_in_every_greedy_episode_along_a_shortest_path():
     maps = frozenlake.test_maps() + frozenlake.ood_maps()
-    out = evaluate.run_episodes(baselines.OraclePolicy(), [[m] for m in maps], [1.0] * 2, seed=0)
+    out = rollout.run_episodes(baselines.OraclePolicy(), [[m] for m in maps], [1.0] * 2, seed=0)
     for desc, steps, success, paths in zip(maps, out["steps"], out["success"], out["paths"]):
         assert success == [1.0, 1.0]
         assert steps == [frozenlake.goal_distances(desc)[path[0]] for path in paths]
@@ -159,24 +168,25 @@ def test_oracle_succeeds_in_every_greedy_episode_along_a_shortest_path():
 def test_random_baseline_matches_its_exact_success_probability():
     desc = ["SFFF", "FHFH", "FFFH", "HFFG"]
     exact = exact_random_success(desc)  # ≈ 0.117 (non-slippery, 100 steps)
-    out = evaluate.run_episodes(baselines.RandomPolicy(), [[desc]] * 20, evaluate.schedule(100, warmup=200), seed=3)
+    out = rollout.run_episodes(baselines.RandomPolicy(), [[desc]] * 20, rollout.schedule(100, warmup=200), seed=3)
     n = 20 * 100
     observed = sum(map(sum, out["success"])) / n
     assert abs(observed - exact) <= 4 * math.sqrt(exact * (1 - exact) / n), (observed, exact)
 
 
 @pytest.mark.slow
-def test_baselines_on_the_50_id_maps_land_near_findings():
-    """FINDINGS.md (another implementation, other maps): random ≈ 0.17, Q-learning episodes 20-29 ≈ 0.52. Our held-out
-    maps are a different draw: the random policy's exact expectation on them is computed too."""
+def test_baselines_on_the_50_id_maps_land_near_an_independent_implementation():
+    """An independent implementation of this protocol (its own maps) measured random ≈ 0.17 and Q-learning episodes
+    20-29 ≈ 0.52. Our held-out maps are a different draw: the random policy's exact expectation on them is computed
+    too."""
     maps = frozenlake.test_maps()
     exact = sum(exact_random_success(m) for m in maps) / len(maps)
-    probs = evaluate.schedule(30)
+    probs = rollout.schedule(30)
     random_success, q_last10 = [], []
     for seed in range(4):
-        rand = evaluate.run_episodes(baselines.RandomPolicy(seed), [[m] for m in maps], [0.0] * 30, seed=seed)
+        rand = rollout.run_episodes(baselines.RandomPolicy(seed), [[m] for m in maps], [0.0] * 30, seed=seed)
         random_success += [s for row in rand["success"] for s in row]
-        q = evaluate.run_episodes(baselines.QLearningPolicy(seed=seed), [[m] for m in maps], probs, seed=seed)
+        q = rollout.run_episodes(baselines.QLearningPolicy(seed=seed), [[m] for m in maps], probs, seed=seed)
         q_last10 += [s for row in q["success"] for s in row[20:]]
     r = sum(random_success) / len(random_success)
     assert abs(r - exact) < 0.03, (r, exact)  # ~6000 episodes: sd ≈ 0.005 (plus map-to-map correlation)
@@ -192,14 +202,14 @@ def test_context_text_is_dqn_tokenize_episode(fmt_name):
     """The context built step by step is exactly the training text: tokenize_episode of each finished episode (for the
     compact format, the recap joins the context when the episode ends)."""
     model, fmt = tiny_model(fmt=fmt_name)
-    policy = Recorder(evaluate.ModelPolicy(model, fmt, context=100_000))
+    player = Recorder(rollout.ModelPolicy(model, fmt, context=100_000))
     maps = [[m] for m in frozenlake.test_maps()[:3]]
-    evaluate.run_episodes(policy, maps, [0.0, 0.0, 0.5], seed=1, max_steps=20)
-    assert policy.policy.mismatches == 0 and policy.policy.overflows == 0
+    rollout.run_episodes(player, maps, [0.0, 0.0, 0.5], seed=1, max_steps=20)
+    assert player.policy.mismatches == 0 and player.policy.overflows == 0
     for row in range(3):
-        expected = sum((dqn.tokenize_episode(ep, fmt)[0] for ep in policy.episodes[row]), [])
-        assert policy.policy.rows[row].tokens == expected
-    assert any(ep.truncated for eps in policy.episodes.values() for ep in eps)  # the edit block is covered
+        expected = sum((dqn.tokenize_episode(ep, fmt)[0] for ep in player.episodes[row]), [])
+        assert player.policy.rows[row].tokens == expected
+    assert any(ep.truncated for eps in player.episodes.values() for ep in eps)  # the edit block is covered
 
 
 def test_canvas_context_writes_each_tile_at_row_times_8_plus_col():
@@ -207,19 +217,19 @@ def test_canvas_context_writes_each_tile_at_row_times_8_plus_col():
     canvas tiles of the maps (3 to 7 columns wide): state s of a map of width w is written as (s // w)·8 + s % w."""
     model, fmt = tiny_model(fmt="compact")
     fmt.canvas = True
-    policy = Recorder(evaluate.ModelPolicy(model, fmt, context=100_000))
+    player = Recorder(rollout.ModelPolicy(model, fmt, context=100_000))
     maps = [[m] for m in frozenlake.test_maps()[:2] + frozenlake.test_maps()[8:9] + frozenlake.ood_maps()[:1]]
     assert {len(m[0][0]) for m in maps} == {3, 4, 5, 7}
-    evaluate.run_episodes(policy, maps, [0.0, 0.5], seed=1, max_steps=20)
-    assert policy.policy.mismatches == 0
+    rollout.run_episodes(player, maps, [0.0, 0.5], seed=1, max_steps=20)
+    assert player.policy.mismatches == 0
     obs_id = {fmt.ids[f"<|obs_{s}|>"]: s for s in range(64)}
     for row, (desc,) in enumerate(maps):
         width = len(desc[0])
-        assert all(ep.ncol == width for ep in policy.episodes[row])
-        assert policy.policy.rows[row].tokens == sum((dqn.tokenize_episode(ep, fmt)[0]
-                                                      for ep in policy.episodes[row]), [])
-        written = [obs_id[t] for t in policy.policy.rows[row].tokens if t in obs_id]
-        expected = [(s // width) * 8 + s % width for ep in policy.episodes[row] for s in ep.observations]
+        assert all(ep.ncol == width for ep in player.episodes[row])
+        assert player.policy.rows[row].tokens == sum((dqn.tokenize_episode(ep, fmt)[0]
+                                                      for ep in player.episodes[row]), [])
+        written = [obs_id[t] for t in player.policy.rows[row].tokens if t in obs_id]
+        expected = [(s // width) * 8 + s % width for ep in player.episodes[row] for s in ep.observations]
         assert written == expected
 
 
@@ -229,20 +239,20 @@ def test_facts_tokens_name_what_the_row_has_seen():
     a dead end (it entered a hole or stayed put) or open, counted here from the played episodes directly."""
     model, fmt = tiny_model(fmt="compact")
     fmt.canvas, fmt.facts = True, True
-    policy = Recorder(evaluate.ModelPolicy(model, fmt, context=100_000))
+    player = Recorder(rollout.ModelPolicy(model, fmt, context=100_000))
     maps = [[m] for m in frozenlake.test_maps()[:2] + frozenlake.ood_maps()[:1]]
-    evaluate.run_episodes(policy, maps, [0.0, 0.0, 0.5, 1.0], seed=3, max_steps=30)
-    assert policy.policy.mismatches == 0
+    rollout.run_episodes(player, maps, [0.0, 0.0, 0.5, 1.0], seed=3, max_steps=30)
+    assert player.policy.mismatches == 0
     index = {fmt.ids[f"<|reserved_special_token_{22 + i}|>"]: i for i in range(81)}
     for row, (desc,) in enumerate(maps):
         expected, outcome = [], {}  # (tile, action) -> "dead" / "open", the latest
-        for ep in map(dqn.to_canvas, policy.episodes[row]):
+        for ep in map(dqn.to_canvas, player.episodes[row]):
             for t, (s, a, s_next) in enumerate(zip(ep.observations, ep.actions, ep.observations[1:])):
                 f = [{None: 0, "dead": 1, "open": 2}[outcome.get((s, b))] for b in range(4)]
                 expected.append(27 * f[0] + 9 * f[1] + 3 * f[2] + f[3])
                 hole = t == len(ep.actions) - 1 and not ep.truncated and ep.rewards[-1] == 0
                 outcome[s, a] = "dead" if hole or s_next == s else "open"
-        written = [index[t] for t in policy.policy.rows[row].tokens if t in index]
+        written = [index[t] for t in player.policy.rows[row].tokens if t in index]
         assert written == expected and len(set(expected)) > 3
 
 
@@ -251,14 +261,14 @@ def test_facts_tokens_survive_a_cut_inside_an_episode():
     all of the row's steps, so the text that replaces the incremental one keeps the cut steps in the row's lake."""
     model, fmt = tiny_model(fmt="compact")
     fmt.canvas, fmt.facts = True, True
-    policy = evaluate.ModelPolicy(model, fmt, context=64)
+    player = rollout.ModelPolicy(model, fmt, context=64)
     cuts = []
-    trim = policy._trim
-    policy._trim = lambda st: (trim(st), cuts.append(st.first_step))
+    trim = player._trim
+    player._trim = lambda st: (trim(st), cuts.append(st.first_step))
     maps = [[m] for m in frozenlake.ood_maps()[:3]]
-    evaluate.run_episodes(policy, maps, [0.0] * 3, seed=0, max_steps=40)
+    rollout.run_episodes(player, maps, [0.0] * 3, seed=0, max_steps=40)
     assert max(cuts) > 0  # episodes were cut inside
-    assert policy.mismatches == 0
+    assert player.mismatches == 0
 
 
 @pytest.mark.slow
@@ -268,15 +278,15 @@ def test_cached_batched_path_chooses_the_same_actions_as_recompute():
     model, fmt = tiny_model()
     maps = [[m] for m in frozenlake.test_maps()[:4] + frozenlake.ood_maps()[:2]]
     assert len({(len(m[0]), len(m[0][0])) for m in maps}) >= 4
-    probs = evaluate.schedule(6, warmup=4)
+    probs = rollout.schedule(6, warmup=4)
     logs, paths, overflows, qs = [], [], [], []
     for recompute in (False, True):
-        policy = Recorder(evaluate.ModelPolicy(model, fmt, context=300, recompute=recompute))
-        qs.append(record_q(policy.policy))
-        out = evaluate.run_episodes(policy, maps, probs, seed=2, max_steps=40)
-        logs.append(policy.log)
+        player = Recorder(rollout.ModelPolicy(model, fmt, context=300, recompute=recompute))
+        qs.append(record_q(player.policy))
+        out = rollout.run_episodes(player, maps, probs, seed=2, max_steps=40)
+        logs.append(player.log)
         paths.append(out["paths"])
-        overflows.append(policy.policy.overflows)
+        overflows.append(player.policy.overflows)
     assert logs[0] == logs[1] and paths[0] == paths[1]
     assert_same_q(*qs)
     assert overflows[0] == overflows[1] > 0
@@ -289,11 +299,11 @@ def test_cached_path_matches_recompute_without_overflow(fmt_name):
     maps = [[m] for m in frozenlake.test_maps()[5:8] + frozenlake.ood_maps()[3:4]]
     logs, qs = [], []
     for recompute in (False, True):
-        policy = Recorder(evaluate.ModelPolicy(model, fmt, context=4096, recompute=recompute))
-        qs.append(record_q(policy.policy))
-        evaluate.run_episodes(policy, maps, [0.0, 1.0, 1.0], seed=0, max_steps=12)
-        logs.append(policy.log)
-        assert policy.policy.overflows == 0
+        player = Recorder(rollout.ModelPolicy(model, fmt, context=4096, recompute=recompute))
+        qs.append(record_q(player.policy))
+        rollout.run_episodes(player, maps, [0.0, 1.0, 1.0], seed=0, max_steps=12)
+        logs.append(player.log)
+        assert player.policy.overflows == 0
     assert logs[0] == logs[1]
     assert_same_q(*qs)
 
@@ -375,25 +385,114 @@ def test_model_policy_with_an_oracle_q_function_succeeds_in_every_greedy_episode
     through context overflows (whole episodes dropped, rows re-prefilled)."""
     maps = lakes_with_distinct_starts(4, 2)
     assert len({(len(m), len(m[0])) for m in maps}) >= 4 and len(maps) == 6
-    model = OracleQModel(train.small_tokenizer(), maps)
-    policy = evaluate.ModelPolicy(model, model.fmt, context=160, recompute=recompute)
-    out = evaluate.run_episodes(policy, [[m] for m in maps], [1.0] * 4, seed=3)
+    model = OracleQModel(policy.small_tokenizer(), maps)
+    player = rollout.ModelPolicy(model, model.fmt, context=160, recompute=recompute)
+    out = rollout.run_episodes(player, [[m] for m in maps], [1.0] * 4, seed=3)
     for desc, success, steps, paths in zip(maps, out["success"], out["steps"], out["paths"]):
         assert success == [1.0] * 4
         assert steps == [frozenlake.goal_distances(desc)[path[0]] for path in paths]  # shortest paths
     assert len({p[0] for paths in out["paths"] for p in paths}) > len(maps)  # several starts: states from the text
-    assert policy.overflows > 0 and policy.mismatches == 0
+    assert player.overflows > 0 and player.mismatches == 0
 
 
 def test_context_overflow_is_counted_and_bounded():
     model, fmt = tiny_model()
-    policy = evaluate.ModelPolicy(model, fmt, context=96)
+    player = rollout.ModelPolicy(model, fmt, context=96)
     maps = [[m] for m in frozenlake.test_maps()[:3]]
-    evaluate.run_episodes(policy, maps, [0.0] * 4, seed=0, max_steps=30)
-    assert policy.overflows > 0
-    for st in policy.rows:
+    rollout.run_episodes(player, maps, [0.0] * 4, seed=0, max_steps=30)
+    assert player.overflows > 0
+    for st in player.rows:
         assert len(st.tokens) <= 96 + 32  # at most one step's tokens past the limit between two actions
         assert st.tokens[:len(fmt.episode_start())] == fmt.episode_start()  # cuts land on episode/step boundaries
+
+
+def test_attention_with_a_mask_and_gqa_folds_the_query_heads(monkeypatch):
+    """The evaluation path's forward (a KV cache, per-row start positions, hence a mask) on a GQA model (4 query heads
+    on 2 KV heads): no SDPA call gets both a mask and enable_gqa (CUDA would fall back to its math kernel and copy
+    K/V per query head), the masked calls read the 2 KV heads as they are, and the logits equal the readable
+    softmax(QKᵀ/√D)V path's and a full forward of each row's whole sequence, also when SDPA returns its output in
+    the memory layout of CUDA's memory-efficient kernel (a transposed (B, T, H, D) buffer, not viewable as is)."""
+    model, _ = tiny_model()
+    assert (model.args.n_heads, model.args.n_kv_heads) == (4, 2)
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):  # the output laid out (B, T, H, D) in memory, as CUDA's fused kernels give it
+        calls.append((tuple(q.shape), tuple(k.shape), dict(kwargs)))
+        return sdpa(q, k, v, *args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    gen = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, model.args.vocab_size, (3, 12), generator=gen)
+    chunk = torch.randint(0, model.args.vocab_size, (3, 5), generator=gen)
+    start = torch.tensor([12, 7, 3])  # row b continues after its first start[b] tokens (the rest is overwritten)
+
+    def cached():
+        cache = model.new_cache(3, 32)
+        with torch.no_grad():
+            model(prefix, cache=cache)
+            return model(chunk, start_pos=start, cache=cache)  # (3, 5, V)
+    fast = cached()
+    masked = [kw for _, _, kw in calls if kw.get("attn_mask") is not None]
+    assert masked and len(masked) == model.args.n_layers  # the chunk's calls, one per layer
+    assert not [kw for _, _, kw in calls if kw.get("attn_mask") is not None and kw.get("enable_gqa")]
+    assert all(k[1] == 2 and q[1] == 2 and q[2] == 2 * 5 for q, k, kw in calls if kw.get("attn_mask") is not None)
+    model.use_sdpa = False
+    calls.clear()
+    reference = cached()
+    assert not calls  # the readable path does not use SDPA
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        for b in range(3):
+            whole = model(torch.cat([prefix[b, :start[b]], chunk[b]])[None])[0, -5:]
+            torch.testing.assert_close(fast[b], whole, atol=1e-4, rtol=1e-4)
+
+
+def test_map_batch_groups_play_exactly_like_one_group(tmp_path):
+    """--map-batch: the model plays the maps in groups, each row with its own random stream, so the results are those
+    of one group of all rows, for the cpu preset's model and format (GQA, facts tokens, the canvas) at random init,
+    with and without context episodes (demo). Played without its first row index, a later group's rows would draw
+    another row's stream."""
+    cfg = train.make_config("cpu", dim=64, n_layers=2, context_len=256)
+    tok = policy.small_tokenizer(cfg.format)
+    model = policy.small_model(cfg, tok.n_words, tok.special_tokens).eval()
+    player = rollout.ModelPolicy(model, policy.trajectory_format(cfg, tok))
+    wholes = {}
+    for name in ("id", "demo"):
+        setup = evaluate.experiment_setup(name, evaluate.EvalConfig(experiment=name, maps=5, episodes=4, warmup=2,
+                                                                    demo_trials=2))
+        wholes[name] = evaluate.play(player, setup, 3, 20, None, 5)
+        assert len(wholes[name]["paths"]) == 5
+        for group in (2, 3):
+            assert evaluate.play(player, setup, 3, 20, None, group) == wholes[name], (name, group)
+    rows = [[m] for m in frozenlake.test_maps()[2:4]]
+    alone = rollout.run_episodes(player, rows, rollout.schedule(4, 2), 3, max_steps=20)
+    assert alone["paths"] != wholes["id"]["paths"][2:4]  # rows 2-3 as rows 0-1: other streams, other episodes
+    # through evaluate(): --map-batch 2 writes the same model results as one group, and records its group size
+    records = []
+    for batch in (None, 2):
+        ecfg = evaluate.EvalConfig(experiment="id", maps=3, episodes=3, warmup=2, baseline_seeds=1, max_steps=20,
+                                   map_batch=batch, out=str(tmp_path / str(batch)), progress=False)
+        evaluate.evaluate(ecfg, player)
+        records.append(json.loads((tmp_path / str(batch) / "id" / "results.json").read_text()))
+    assert records[0]["policies"] == records[1]["policies"]
+    assert [r["model_stats"]["map_batch"] for r in records] == [3, 2]  # on the CPU: all maps at once by default
+
+
+def test_device_and_kv_cache_size():
+    """--device auto: the first CUDA device where there is one, else the CPU; an explicit cpu stays. The KV-cache
+    estimate is the bytes ModelPolicy allocates, and on the CPU every map plays in one group."""
+    cuda = torch.cuda.is_available()
+    assert evaluate.resolve_device("auto") == (torch.device("cuda", 0) if cuda else torch.device("cpu"))
+    assert evaluate.resolve_device("cpu") == torch.device("cpu")
+    if cuda:
+        assert evaluate.resolve_device("cuda") == torch.device("cuda", torch.cuda.current_device())
+    model, fmt = tiny_model()
+    player = rollout.ModelPolicy(model, fmt, context=200)
+    player.reset(3)
+    allocated = sum(t.numel() * t.element_size() for t in player.cache.k + player.cache.v)
+    a = model.args
+    assert rollout.cache_bytes(model, 3, 200) == allocated == 3 * a.n_layers * 2 * (200 + 64) * a.n_kv_heads * \
+        a.head_dim * 4
+    assert evaluate.map_batch_size(model, 200, 7, torch.device("cpu")) == 7
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -412,11 +511,11 @@ def test_stitching_context_is_the_papers():
             assert env.P[s][a][0][1:3] == (t, r)
         assert "".join(frozenlake.STITCHING_MAP)[ep.observations[-1]] == tile
     model, fmt = tiny_model()
-    policy = evaluate.ModelPolicy(model, fmt)
-    policy.reset(1)
+    player = rollout.ModelPolicy(model, fmt)
+    player.reset(1)
     for ep in (first, second):
-        policy.add_context(0, ep)
-    assert policy.rows[0].tokens == dqn.tokenize_episode(first, fmt)[0] + dqn.tokenize_episode(second, fmt)[0]
+        player.add_context(0, ep)
+    assert player.rows[0].tokens == dqn.tokenize_episode(first, fmt)[0] + dqn.tokenize_episode(second, fmt)[0]
 
 
 @pytest.mark.slow
@@ -426,7 +525,7 @@ def test_evaluate_writes_outputs_and_is_deterministic(tmp_path):
     for out in ("a", "b"):
         cfg = evaluate.EvalConfig(experiment="nonstationary", maps=3, episodes=4, warmup=2, baseline_seeds=2,
                                   max_steps=25, context=256, out=str(tmp_path / out), progress=False)
-        evaluate.evaluate(cfg, evaluate.ModelPolicy(model, fmt, context=256))
+        evaluate.evaluate(cfg, rollout.ModelPolicy(model, fmt, context=256))
         record = json.loads((tmp_path / out / "nonstationary" / "results.json").read_text())
         record["config"].pop("out")
         texts.append(json.dumps(record, sort_keys=True))
@@ -468,9 +567,9 @@ def test_nonstationary_restarts_the_warmup_and_keeps_the_first_map_in_context():
     wide, _, _ = evaluate.experiment_setup("nonstationary", evaluate.EvalConfig(experiment="nonstationary"), 500)
     assert len(wide) == 50 and not [b for _, b in wide if b in frozenlake.train_maps(500)]
     model, fmt = tiny_model()
-    policy = ContextAtMapSwitch(evaluate.ModelPolicy(model, fmt, context=2048), per_map=4)
-    out = evaluate.run_episodes(policy, map_sequences, probs, seed=4, max_steps=20)
-    assert policy.policy.overflows == 0
+    player = ContextAtMapSwitch(rollout.ModelPolicy(model, fmt, context=2048), per_map=4)
+    out = rollout.run_episodes(player, map_sequences, probs, seed=4, max_steps=20)
+    assert player.policy.overflows == 0
     for row, (first, second) in enumerate(map_sequences):
         greedy, steps, paths = out["greedy_steps"][row], out["steps"][row], out["paths"][row]
         assert len(steps) == 8
@@ -481,24 +580,54 @@ def test_nonstationary_restarts_the_warmup_and_keeps_the_first_map_in_context():
         assert all(path[0] in frozenlake.FrozenLake(second).starts for path in paths[4:])
         # the first map's 4 episodes stay in the context: at the first step on the second map it holds exactly them,
         # then the new episode's opening
-        history = sum((dqn.tokenize_episode(ep, fmt)[0] for ep in policy.episodes[row][:4]), [])
+        history = sum((dqn.tokenize_episode(ep, fmt)[0] for ep in player.episodes[row][:4]), [])
         opening = fmt.episode_start() + fmt.observation(paths[4][0]) + fmt.action_prompt()
-        assert policy.at_switch[row] == history + opening
+        assert player.at_switch[row] == history + opening
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny train.py cpu run, trained once for this module: 2 steps of a 2-layer d32 model, 160-token context, 4
+    maps of one 24-episode Q-learning run each; the --ema average (0.99, the default) is what evaluate.py plays."""
+    root = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        for key, value in dict(qlearn_runs=1, qlearn_episodes=24, set_min=4, set_max=8).items():
+            mp.setitem(data.LEARNER, key, value)
+        warnings.filterwarnings("ignore", "pack_slices dropped")  # the tiny run's 160-token slices
+        return train.train(train.make_config(
+            "cpu", dim=32, n_layers=2, context_len=160, n_maps=4, sets_per_map=2, steps=2, slices_per_step=2,
+            micro_batch=1, eval_every=2, eval_slices=2, save_every=2, online_every=0, data_dir=str(root / "data"),
+            out=str(root / "run")))
+
+
+@pytest.fixture
+def run_dir(trained_run, tmp_path):
+    """This test's own copy of the trained run (tests below change its files)."""
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))
+
+
+def rewrite_checkpoint_file(ckpt, name, tensors=None, text=None):
+    """Overwrite one file of a checkpoint and record its new sha256 in the manifest, as if it had been saved so:
+    load_policy's hash check then passes and what is tested is what the file holds."""
+    if tensors is not None:
+        save_file(tensors, ckpt / name, metadata={"format": "pt"})
+    else:
+        (ckpt / name).write_text(text)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert name in manifest["files"]
+    manifest["files"][name] = checkpoint.file_hash(ckpt / name)
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:pack_slices dropped")  # the tiny run's 160-token slices; not what is tested here
-def test_evaluate_loads_a_train_py_run(tmp_path, monkeypatch):
-    """A tiny train.py cpu run (as in tests/test_train.py), evaluated from its run dir by evaluate.evaluate."""
-    run = train.train(train.make_config(
-        "cpu", dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=256, context_len=160, n_maps=4,
-        qlearn_runs=1, qlearn_episodes=24, sets_per_map=2, heldout_sets_per_map=1, set_min=4, set_max=8, steps=2,
-        slices_per_step=2, micro_batch=1, eval_every=0, save_every=2, progress=False, data_dir=str(tmp_path / "data"),
-        out=str(tmp_path / "run")))
-    cfg = evaluate.EvalConfig(run=str(run), experiment="id", maps=2, episodes=2, warmup=0, baseline_seeds=1,
+def test_evaluate_loads_a_train_py_run(run_dir, monkeypatch):
+    """The tiny run evaluated from its run dir by evaluate.evaluate: outputs in RUN/eval, the checkpoint's --ema
+    weights playing (the same episodes as a ModelPolicy over policy.load_policy's model), and the run's number of
+    training maps reaching the nonstationary experiment."""
+    cfg = evaluate.EvalConfig(run=str(run_dir), experiment="id", maps=2, episodes=2, warmup=0, baseline_seeds=1,
                               max_steps=20, progress=False)
     report, setup = evaluate.evaluate(cfg), evaluate.experiment_setup
-    out_dir = run / "eval" / "id"  # the default output root: RUN/eval
+    out_dir = run_dir / "eval" / "id"  # the default output root: RUN/eval
     for name in ("results.json", "success.csv", "summary.md", "success.png"):
         assert (out_dir / name).stat().st_size > 0
     record = json.loads((out_dir / "results.json").read_text())
@@ -507,26 +636,73 @@ def test_evaluate_loads_a_train_py_run(tmp_path, monkeypatch):
     for key in ("success", "steps", "truncated", "greedy_steps"):
         assert [len(model_run[key])] + [len(r) for r in model_run[key][0]] == [1, 2, 2], key  # seed -> map -> episode
     assert model_run["greedy_steps"] == model_run["steps"]  # warmup 0: every step is the model's
-    assert record["model_stats"]["context"] == 256  # the checkpoint's max_seq_len (under the 4096 cap)
-    # the model that acted is the checkpoint's: the same episodes as a ModelPolicy over train.load_policy's model
-    model, adapter, _, fmt = train.load_policy(run)
-    ref = evaluate.run_episodes(evaluate.ModelPolicy(model, fmt, adapter), [[m] for m in frozenlake.test_maps()[:2]],
-                                [1.0, 1.0], seed=0, max_steps=20)
+    assert record["model_stats"]["context"] == 160  # the checkpoint's max_seq_len (under the 4096 cap)
+    ckpt = checkpoint.latest_checkpoint(run_dir)
+    played, _, _, fmt = policy.load_policy(run_dir)
+    ema = llama.load(ckpt / "ema")
+    assert all(torch.equal(a, b) for a, b in zip(played.state_dict().values(), ema.state_dict().values()))
+    online = llama.load(ckpt / "model")
+    assert not all(torch.equal(a, b) for a, b in zip(online.state_dict().values(), ema.state_dict().values()))
+    ref = rollout.run_episodes(rollout.ModelPolicy(played, fmt), [[m] for m in frozenlake.test_maps()[:2]],
+                               [1.0, 1.0], seed=0, max_steps=20)
     assert [model_run["steps"][0], model_run["success"][0]] == [ref["steps"], ref["success"]]
     # the run's number of training maps reaches experiment_setup (nonstationary's second maps avoid them all)
-    saved = train.latest_checkpoint(run) / "train_config.json"
-    saved.write_text(json.dumps({**json.loads(saved.read_text()), "n_maps": 500}))
+    saved = json.loads((ckpt / "train_config.json").read_text())
+    rewrite_checkpoint_file(ckpt, "train_config.json", text=json.dumps({**saved, "n_maps": 500}))
     seen = []
     monkeypatch.setattr(evaluate, "experiment_setup", lambda name, c, n=250: seen.append(n) or setup(name, c, n))
     evaluate.evaluate(cfg)
     assert seen == [500]
 
 
+def main_error(argv, capsys):
+    """evaluate.main(argv) must exit with one line `evaluate.py: error: ...` (exit status 1, no traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(argv + ["--no-progress"])
+    message = exit_info.value.code  # sys.exit(str): Python prints it to stderr and exits with status 1
+    assert isinstance(message, str) and message.startswith("evaluate.py: error: ") and "\n" not in message
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return message
+
+
+def test_main_reports_a_missing_run_dir_in_one_line(tmp_path, capsys):
+    missing = tmp_path / "no-such-run"
+    assert str(missing) in main_error(["--run", str(missing)], capsys)
+    with pytest.raises(FileNotFoundError, match="no-such-run"):  # --debug: the exception itself, traceback and all
+        evaluate.main(["--run", str(missing), "--no-progress", "--debug"])
+
+
+@pytest.mark.slow
+def test_main_refuses_a_context_beyond_the_models_positions(run_dir, capsys):
+    message = main_error(["--run", str(run_dir), "--context", "4096"], capsys)
+    assert "--context 4096" in message and "160" in message
+    assert not (run_dir / "eval").exists()  # refused before playing anything
+
+
+@pytest.mark.slow
+def test_main_refuses_weights_that_are_not_finite(run_dir, capsys, tmp_path):
+    """NaN in the played weights (the --ema average) -> refused; the online weights still play with
+    --online-weights. A changed file whose hash was not updated is caught earlier, by the manifest."""
+    ckpt = checkpoint.latest_checkpoint(run_dir)
+    tensors = load_file(ckpt / "ema" / "model.safetensors")
+    name = next(k for k in tensors if k.endswith("self_attn.q_proj.weight"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, ckpt / "ema" / "model.safetensors", metadata={"format": "pt"})
+    assert "changed since it was saved" in main_error(["--run", str(run_dir)], capsys)
+    rewrite_checkpoint_file(ckpt, "ema/model.safetensors", tensors)
+    message = main_error(["--run", str(run_dir)], capsys)
+    assert "not finite" in message and str(ckpt) in message
+    evaluate.main(["--run", str(run_dir), "--online-weights", "--maps", "1", "--episodes", "1", "--baseline-seeds",
+                   "1", "--max-steps", "5", "--no-progress", "--out", str(tmp_path / "eval")])
+    assert (tmp_path / "eval" / "id" / "results.json").is_file()
+
+
 def test_stitching_experiment_draws_its_pictures(tmp_path):
     model, fmt = tiny_model()
     cfg = evaluate.EvalConfig(experiment="stitching", baseline_seeds=1, max_steps=20, out=str(tmp_path),
                               progress=False)
-    report = evaluate.evaluate(cfg, evaluate.ModelPolicy(model, fmt))
+    report = evaluate.evaluate(cfg, rollout.ModelPolicy(model, fmt))
     assert report["stitching"]["oracle"]["last10"] == 1.0  # 5 greedy trials, all along a shortest path
     names = {p.name for p in (tmp_path / "stitching").iterdir()}
     assert {"context.png", "trial0_model.png", "trial4_model.png", "trial0_oracle.png", "results.json"} <= names
@@ -547,12 +723,12 @@ def test_demo_experiment_puts_a_shortest_path_from_each_start_in_the_context(tmp
                 assert env.P[s][a][0][1:3] == (t, r)
             assert len(ep.actions) == dist[ep.observations[0]] and ep.rewards[-1] == 1.0 and sum(ep.rewards) == 1.0
     model, fmt = tiny_model()
-    policy = evaluate.ModelPolicy(model, fmt)
+    player = rollout.ModelPolicy(model, fmt)
     cfg = evaluate.EvalConfig(experiment="demo", maps=4, baseline_seeds=1, max_steps=20, out=str(tmp_path),
                               progress=False)
-    report = evaluate.evaluate(cfg, policy)
+    report = evaluate.evaluate(cfg, player)
     assert report["demo"]["oracle"]["last10"] == 1.0 and (tmp_path / "demo" / "success.png").is_file()
-    for row, desc in zip(policy.rows, frozenlake.test_maps()[:4]):
+    for row, desc in zip(player.rows, frozenlake.test_maps()[:4]):
         demo_tokens = [t for ep in evaluate.demonstrations(desc) for t in dqn.tokenize_episode(ep, fmt)[0]]
         assert row.tokens[:len(demo_tokens)] == demo_tokens
 
@@ -563,9 +739,13 @@ def test_cli_rejects_bad_input():
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--baselines-only", "--episodes", "0"])
     with pytest.raises(SystemExit):
-        evaluate.parse_args(["--baselines-only", "--planner-untried-steps", "-1"])
-    cfg = evaluate.parse_args(["--baselines-only", "--experiment", "ood", "--maps", "5"])
-    assert (cfg.experiment, cfg.maps, cfg.baselines_only) == ("ood", 5, True)
+        evaluate.parse_args(["--baselines-only", "--map-batch", "0"])
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--baselines-only", "--context", "63"])
+    cfg, debug = evaluate.parse_args(["--baselines-only", "--experiment", "ood", "--maps", "5", "--map-batch", "2"])
+    assert (cfg.experiment, cfg.maps, cfg.map_batch, cfg.baselines_only, cfg.device, debug) == \
+        ("ood", 5, 2, True, "auto", False)
+    assert evaluate.parse_args(["--baselines-only", "--debug"])[1] is True
 
 
 def test_bench_eval_runs_the_cpu_presets_model_on_both_paths():
@@ -574,11 +754,10 @@ def test_bench_eval_runs_the_cpu_presets_model_on_both_paths():
     (the script asserts it)."""
     import subprocess
     import sys
-    from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     cfg = train.make_config("cpu")
-    tok = train.small_tokenizer(cfg.format)
-    n = sum(p.numel() for p in train.small_model(cfg, tok.n_words).parameters())
+    tok = policy.small_tokenizer(cfg.format)
+    n = sum(p.numel() for p in policy.small_model(cfg, tok.n_words).parameters())
     out = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_eval.py"), "--maps", "2", "--episodes", "2",
                           "--slow-maps", "1", "--slow-seconds", "5"], capture_output=True, text=True, cwd=root,
                          timeout=300)
