@@ -4,9 +4,9 @@ Each runs under exactly the paper's warm-up schedule and random stream that the 
 per map, with the four methods the harness calls (reset, add_context, greedy_actions, observe):
 - RandomPolicy: a uniform random action, the floor.
 - QLearningPolicy: tabular Q-learning from scratch on the same 30 episodes; what a classical RL agent learns from
-  the same experience (issue 7 asks the model to beat it).
-- PlannerPolicy: the context planner of planner.py on its own history, the values `--targets optimistic / planner`
-  train the model towards (ours, not the paper's).
+  the same experience (an ICRL model is interesting only above it).
+- PlannerPolicy: an optimistic (R-max) planner on exactly what its own history shows (planner.py): what a learner
+  with a perfect reading of the same context could do (ours, not the paper's).
 - OraclePolicy: a shortest path on the known map (BFS), the ceiling.
 """
 import collections
@@ -95,8 +95,7 @@ class QLearningPolicy:
 
 
 class PlannerPolicy:
-    """The context planner of planner.py acting on its own history: what `--targets planner` asks the model to
-    compute, so a model trained on those targets can at best match it. Ties broken at random."""
+    """The context planner of planner.py acting on its own history. Ties broken at random."""
     name = "planner"
 
     def __init__(self, gamma=0.9, untried=0.9 ** 8, seed=0):

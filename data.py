@@ -17,6 +17,7 @@ import random
 import time
 from pathlib import Path
 
+import compact
 import dqn
 import frozenlake
 import llama
@@ -140,13 +141,13 @@ def load_episode_sets(cfg, split: str, canvas_origin=False) -> list[list[dqn.Epi
         for i, (m, _, _) in enumerate(data["sets"]):
             rows, cols = len(dc["maps"][m]), len(dc["maps"][m][0])
             offset = (0, 0) if split != "train" or canvas_origin else canvas_offset(rows, cols, rng)
-            sets[i] = [dqn.to_canvas(ep, *offset) for ep in sets[i]]
+            sets[i] = [compact.to_canvas(ep, *offset) for ep in sets[i]]
     return sets
 
 
 def canvas_offset(rows: int, cols: int, rng: random.Random) -> tuple[int, int]:
     """A random (row, col) offset that keeps a rows x cols map on the 8x8 canvas."""
-    return int(rng.random() * (dqn.CANVAS - rows + 1)), int(rng.random() * (dqn.CANVAS - cols + 1))
+    return int(rng.random() * (compact.CANVAS - rows + 1)), int(rng.random() * (compact.CANVAS - cols + 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -170,4 +171,4 @@ def online_sets_placed(cfg, step: int, sets: list[list[dqn.Episode]], canvas_sta
         return sets
     rng = random.Random(f"{cfg.seed}/online{step}/canvas")
     offsets = [canvas_offset(len(m), len(m[0]), rng) for m in online_round_maps(cfg, step)]
-    return [[dqn.to_canvas(ep, *at) for ep in eps] for at, eps in zip(offsets, sets)]
+    return [[compact.to_canvas(ep, *at) for ep in eps] for at, eps in zip(offsets, sets)]

@@ -26,36 +26,22 @@ The text format (Llama 3 tokenizers), one episode:
     <|start_header_id|>edit<|end_header_id|>...<|eot_id|>                 only when cut by the step limit
     <|end_of_text|>
 
-(no newlines anywhere; they are only shown here). A step is action → next observation → reward, as gymnasium's
-step() returns (obs, reward); the final observation (the goal or hole reached) is written, so the reward follows the
-goal's number. A reward block only appears on an episode's last step, so no Q position sees its own episode's
-reward. The edit block comes after the last observation, right before <|end_of_text|>.
+(no newlines anywhere). A step is action → next observation → reward, as gymnasium's step() returns them; a
+reward block only appears on an episode's last step, so no Q position sees its own episode's reward. ChatML
+tokenizers (SmolLM2) map a block to `<|im_start|>ROLE\nTEXT<|im_end|>`, <|begin_of_text|> to nothing and
+<|end_of_text|> to <|endoftext|>; the Q position is the "\n" after `action`. Each action word must be one token.
 
-ChatML tokenizers (SmolLM2) have no Llama 3 header tokens. Mapping: a block is `<|im_start|>ROLE\\nTEXT<|im_end|>`
-(ChatML's own shape, without the "\\n" between blocks, as the Llama 3 format has none); <|begin_of_text|> → nothing
-(SmolLM2 has no BOS token; the previous episode's end marker already separates episodes); <|end_of_text|> →
-<|endoftext|>. The Q position is the "\\n" after `action`, the last token before the action word. Each action word
-must be one token: for every tokenizer the first of a few spellings ("left", then " left") that encodes to one token
-for all four words is used, else for_tokenizer raises. FORMAT_TEXTS lists every text piece of the format, for a small
-built-in vocabulary that needs them (byte-level vocabularies encode any of them, but only the four action words must
-be single tokens).
+Packing (§3.2): sets of 20–40 episodes of one map, shuffled within the set, concatenated up to the context length.
+Episodes are never split: one that does not fit closes the slice, so every action has its next action (or its
+episode's end) in the same slice. An episode longer than the whole context is dropped with a warning.
 
-Packing (paper: sets of 20–40 episodes of one map, episodes shuffled within a set, sets concatenated up to the
-context length; sets are taken in the caller's order, so the caller shuffles them). Cut rule: episodes are never
-split. Episodes are appended in order; an episode that does not fit in what is left of the current slice closes it
-(the rest is padding) and starts the next slice, so a set that crosses the boundary simply continues in the next
-slice. Every action therefore has its next action (or its episode's end) in the same slice and loses nothing. An
-episode longer than the context alone cannot be placed: it is dropped and a warning gives the number dropped and the
-actions lost (a looping 100-step episode is ≈ 1000 tokens in this format).
-
-The compact format (`CompactFormat`, our deviation for the small from-scratch model; the IA3 presets write the
+The compact format (compact.py, our deviation for the small from-scratch model; the IA3 presets write the
 paper's text): one token per observation, action and outcome, a hindsight recap after each finished episode (one
 token per distinct (state, action) tagged goal / hole / wall / other: under causal attention a step cannot see how
 its own episode ended), optionally states as tiles of an 8 x 8 canvas and a facts token after each observation (what
 the context so far shows about the state's 4 moves, planner.ContextModel.facts), which is then the Q position. Both
-are written from the context alone, so evaluation writes them the same way.
-
-`next_token_loss` is an auxiliary language-model loss on the trajectory (every token but the actions), our addition.
+are written from the context alone, so evaluation writes them the same way. `next_token_loss` is our auxiliary
+language-model loss on the trajectory.
 """
 import random
 import warnings
@@ -114,18 +100,17 @@ class TrajectoryFormat:
     block_close: list[int]      # <|eot_id|> (chatml: <|im_end|>)
     word_prefix: str            # "" normally; " " for a vocabulary where only " left" is one token
     action_ids: list[int] = field(default_factory=list)  # vocabulary ids of the 4 action words, in action order
+    facts = False               # the compact format's facts tokens (compact.CompactFormat); none in the paper's
     _cache: dict = field(default_factory=dict, repr=False, compare=False)  # text -> ids
 
     @classmethod
-    def for_tokenizer(cls, tok) -> "TrajectoryFormat | CompactFormat":
+    def for_tokenizer(cls, tok) -> "TrajectoryFormat":
         """tok: llama.Tokenizer (or anything with `special_tokens: dict[str, int]` and `encode(str) -> list[int]`
         that adds no BOS). Llama 3 special-token names give the paper's format; ChatML ones the mapping above; a
         vocabulary with all of COMPACT_SPECIALS (train.py's --format compact) the compact format."""
         specials = getattr(tok, "special_tokens", None)
         if not isinstance(specials, dict):
             raise TypeError(f"{type(tok).__name__} has no special_tokens dict; pass a llama.Tokenizer")
-        if all(s in specials for s in COMPACT_SPECIALS + ["<|begin_of_text|>", "<|end_of_text|>"]):
-            return CompactFormat(specials)
         sp = lambda name: [specials[name]]  # noqa: E731
         encode = tok.encode
         if all(s in specials for s in LLAMA3_FORMAT_SPECIALS):
@@ -176,139 +161,23 @@ class TrajectoryFormat:
     def episode_end(self, truncated: bool) -> list[int]:
         return (self.block("edit", "...") if truncated else []) + self.eos
 
-
     def recap(self, ep: Episode) -> list[int]:  # the paper's format has none
         return []
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The compact format (our deviation for the small from-scratch model; see the module docstring)
-
-RECAP_TAGS = ("goal", "hole", "wall", "other")  # priority order when one (s, a) gets several tags in an episode
-COMPACT_SPECIALS = ([f"<|obs_{s}|>" for s in range(64)] + [f"<|act_{w}|>" for w in ACTION_WORDS]
-                    + ["<|goal|>", "<|truncated|>"]
-                    + [f"<|recap_{s}_{w}_{tag}|>" for s in range(64) for w in ACTION_WORDS for tag in RECAP_TAGS])
-
-
-def recap_steps(ep: Episode) -> list[tuple[int, int, str]]:
-    """Hindsight summary of a finished episode: each distinct (s, a) once, in order of its last occurrence, tagged
-    goal (the action at the last visit of s in an episode that reached a goal: together, a loop-free path to it),
-    hole (the step fell into a hole), wall (the step did not move) or other."""
-    n = len(ep.actions)
-    success = not ep.truncated and sum(ep.rewards) > 0
-    last_visit = {s: t for t, s in enumerate(ep.observations[:n])}
-    tags = {}
-    for t, (s, a, s_next) in enumerate(zip(ep.observations, ep.actions, ep.observations[1:])):
-        if t == n - 1 and not ep.truncated and not success:
-            tag = "hole"
-        elif s_next == s:
-            tag = "wall"
-        elif success and last_visit[s] == t:
-            tag = "goal"
-        else:
-            tag = "other"
-        old = tags.pop((s, a), tag)  # re-inserted: dict order = order of last occurrence
-        tags[(s, a)] = min(old, tag, key=RECAP_TAGS.index)
-    return [(s, a, tag) for (s, a), tag in tags.items()]
-
-
-@dataclass
-class CompactFormat:
-    """One token per observation, action and outcome, plus a hindsight recap of every finished episode:
-
-        <|begin_of_text|> <|obs_8|> <|act_right|> <|obs_9|> ... <|obs_15|> <|goal|> <|end_of_text|> recap...
-
-    Q position: the observation token (it predicts the action token). <|goal|> follows a rewarded step,
-    <|truncated|> an episode cut by the step limit; a hole is the last observation with neither. The recap
-    (recap_steps) is one token <|recap_S_W_TAG|> per distinct (s, a). Why: under causal attention a step cannot see
-    how its own episode ended, so a later episode can only learn "this action led to the goal" by reading a whole
-    past episode; the recap puts that outcome on each (s, a) token, one attention lookup away. With facts=True a
-    facts token follows each observation but the last (the module docstring) and is the Q position instead."""
-    ids: dict                                   # special-token name -> id
-    style: str = "compact"
-    canvas: bool = False                        # write tile (r, c) as state r·8 + c, any map width (to_canvas)
-    facts: bool = False                         # a facts token (FACT_TOKENS) after each observation: the Q position
-    action_ids: list[int] = field(default_factory=list)
-    bos: list[int] = field(default_factory=list)
-    eos: list[int] = field(default_factory=list)
-
-    def __post_init__(self):
-        self.action_ids = [self.ids[f"<|act_{w}|>"] for w in ACTION_WORDS]
-        self.bos, self.eos = [self.ids["<|begin_of_text|>"]], [self.ids["<|end_of_text|>"]]
-
-    def _id(self, name: str) -> int:
-        if name not in self.ids:
-            raise ValueError(f"{name} is not in the compact vocabulary (observations 0..63: maps up to 8x8)")
-        return self.ids[name]
-
-    def episode_start(self) -> list[int]:
-        return list(self.bos)
-
-    def observation(self, obs: int) -> list[int]:
-        return [self._id(f"<|obs_{int(obs)}|>")]
-
-    def action_prompt(self, facts: list[int] | None = None) -> list[int]:
-        """Nothing (the observation token is the Q position), or with facts=True the facts token of the context's
-        facts about the state's 4 moves (planner.ContextModel.facts: 0 untried, 1 dead end, 2 open)."""
-        if not self.facts:
-            return []
-        if facts is None:
-            raise ValueError("a compact format with facts tokens needs the state's facts (planner.ContextModel.facts)")
-        return [self.ids[FACT_TOKENS[facts_index(facts)]]]
-
-    def action_word(self, a: int) -> list[int]:
-        return [self.action_ids[a]]
-
-    def reward(self, r: float) -> list[int]:  # Frozen Lake's only non-zero reward is the goal's 1
-        return [self.ids["<|goal|>"]]
-
-    def episode_end(self, truncated: bool) -> list[int]:
-        return ([self.ids["<|truncated|>"]] if truncated else []) + self.eos
-
-    def recap(self, ep: Episode) -> list[int]:
-        return [self._id(f"<|recap_{s}_{ACTION_WORDS[a]}_{tag}|>") for s, a, tag in recap_steps(ep)]
-
-
-FACT_TOKENS = [f"<|reserved_special_token_{i}|>" for i in range(22, 22 + 81)]  # 3^4 combinations (ids 22+: 10-21 stay unused)
-
-
-def facts_index(facts: list[int]) -> int:
-    """[f_0, f_1, f_2, f_3] (each 0..2) -> 27·f_0 + 9·f_1 + 3·f_2 + f_3, the index into FACT_TOKENS."""
-    return facts[0] * 27 + facts[1] * 9 + facts[2] * 3 + facts[3]
-
-
-CANVAS = 8  # the canvas is 8 x 8: the largest map the 64 state tokens hold
-
-
-def canvas_state(s: int, ncol: int | None, row_offset: int = 0, col_offset: int = 0) -> int:
-    """A map's state row·ncol + col as the canvas tile (row + row_offset)·8 + (col + col_offset)."""
-    if ncol is None:
-        raise ValueError("a canvas format needs each episode's map width: set Episode.ncol = len(desc[0])")
-    row, col = divmod(s, ncol)
-    if row + row_offset >= CANVAS or col_offset + ncol > CANVAS:
-        raise ValueError(f"a map of width {ncol} at offset ({row_offset}, {col_offset}) leaves the 8x8 canvas")
-    return (row + row_offset) * CANVAS + col + col_offset
-
-
-def to_canvas(ep: Episode, row_offset: int = 0, col_offset: int = 0) -> Episode:
-    """The episode with its states written as canvas tiles (ep.ncol = its map's width), then ncol = 8. Our option for
-    the compact format, not the paper's: "down" is +8 on every map and a map placed at random offsets in training
-    uses all 64 state tokens, so maps wider than the training ones (the ood set) only meet tokens it has learned."""
-    states = [canvas_state(s, ep.ncol, row_offset, col_offset) for s in ep.observations]
-    return Episode(states, ep.actions, ep.rewards, ep.truncated, CANVAS)
+    def written(self, ep: Episode) -> Episode:  # the states as the format writes them: gymnasium's numbers
+        return ep
 
 
 def tokenize_episode(ep: Episode, fmt: TrajectoryFormat,
                      lake: planner.ContextModel | None = None) -> tuple[list[int], list[int]]:
     """One episode -> (token ids, q_positions): q_positions[t] is the index of the token whose logits are Q(h_t, ·).
-    The recap (compact format only) follows the episode's end. A format with facts tokens (CompactFormat.facts)
+    fmt: a TrajectoryFormat or compact.CompactFormat (the same methods).
+    The recap (compact format only) follows the episode's end. A format with facts tokens (compact.CompactFormat)
     writes at each step what `lake` (the context before the episode, in written states; empty if None) and the
     episode's earlier steps show about the state's moves; lake then learns the episode. The facts never change the
     length."""
     check_episode(ep)
-    if getattr(fmt, "canvas", False):
-        ep = to_canvas(ep)
-    with_facts = getattr(fmt, "facts", False)
+    ep, with_facts = fmt.written(ep), fmt.facts
     lake = planner.ContextModel() if lake is None and with_facts else lake
     tokens = fmt.episode_start() + fmt.observation(ep.observations[0])
     q_positions, n = [], len(ep.actions)

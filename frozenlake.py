@@ -11,7 +11,7 @@ What it follows:
   tiles, `step(a)` returns (obs, reward, terminated, truncated, {"prob": p}), and like gymnasium's TimeLimit,
   `truncated` becomes True on the `max_steps`-th step even if that step also terminates the episode (callers should
   check `terminated` first). Several goals are allowed.
-- The map generator of the in-context RL paper on LLaMA 3.1 (arXiv 2501.14176, REFERENCE.md §1): height and width
+- The map generator of the in-context RL paper on LLaMA 3.1 (arXiv 2501.14176, §3.2): height and width
   uniform in a range; each tile is a start with p 0.1, else (a second draw) a goal with p 0.1, else a hole with
   p 0.2, else frozen; a map is kept only if every start reaches a goal through non-hole tiles and its nearest goal
   is at least 4 steps away; maps are unique within a set.

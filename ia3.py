@@ -2,7 +2,7 @@
 
 (IA)³ (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning",
 arXiv 2205.05638) learns one vector per layer and per target that rescales an activation, initialised to ones.
-We follow PEFT's `IA3Config` for llama exactly (peft 0.21 `tuners/ia3`, REFERENCE.md §4):
+We follow PEFT's `IA3Config` for llama exactly (peft 0.21 `tuners/ia3`):
 
     k   = (W_k x) ⊙ l_k              l_k:  (n_kv_heads·head_dim,)   before RoPE = scaling the rows of W_k
     v   = (W_v x) ⊙ l_v              l_v:  (n_kv_heads·head_dim,)

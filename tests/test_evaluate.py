@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 import baselines
 import checkpoint
 import data
+import compact
 import dqn
 import evaluate
 import frozenlake
@@ -43,7 +44,8 @@ def tiny_model(max_seq_len=4096, seed=0, fmt="paper"):
     for name, p in model.named_parameters():
         if p.dim() == 2 and "tok_embeddings" not in name:
             torch.nn.init.normal_(p, std=4 / p.shape[1] ** 0.5)
-    return model, dqn.TrajectoryFormat.for_tokenizer(tokenizer)
+    return model, (compact.CompactFormat(tokenizer.special_tokens) if fmt == "compact"
+                   else dqn.TrajectoryFormat.for_tokenizer(tokenizer))
 
 
 def exact_random_success(desc, max_steps=100):
@@ -246,7 +248,7 @@ def test_facts_tokens_name_what_the_row_has_seen():
     index = {fmt.ids[f"<|reserved_special_token_{22 + i}|>"]: i for i in range(81)}
     for row, (desc,) in enumerate(maps):
         expected, outcome = [], {}  # (tile, action) -> "dead" / "open", the latest
-        for ep in map(dqn.to_canvas, player.episodes[row]):
+        for ep in map(compact.to_canvas, player.episodes[row]):
             for t, (s, a, s_next) in enumerate(zip(ep.observations, ep.actions, ep.observations[1:])):
                 f = [{None: 0, "dead": 1, "open": 2}[outcome.get((s, b))] for b in range(4)]
                 expected.append(27 * f[0] + 9 * f[1] + 3 * f[2] + f[3])

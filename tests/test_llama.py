@@ -1,4 +1,4 @@
-"""llama.py against transformers' LlamaForCausalLM, REFERENCE.md §2 numbers, and its own full forward (KV cache)."""
+"""llama.py against transformers' LlamaForCausalLM, Llama 3.1's published numbers, and its own full forward (KV cache)."""
 import json
 
 import pytest

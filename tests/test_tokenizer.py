@@ -1,4 +1,4 @@
-"""llama.Tokenizer: Meta's Llama 3 file against REFERENCE.md §3, sentencepiece against sentencepiece itself,
+"""llama.Tokenizer: Meta's Llama 3 file against its published test vectors, sentencepiece against sentencepiece itself,
 the converted SmolLM2 vocabulary against the `tokenizers` library (transformers' fast tokenizer)."""
 import random
 import shutil
