@@ -13,7 +13,7 @@ The paper's recipe (arXiv 2501.14176, §3), top to bottom:
 Presets: `smollm2` (SmolLM2-135M + IA3) and `llama3.1-8b` (Llama-3.1-8B-Instruct + IA3) are the paper's recipe.
 `cpu` (the default) trains a small LLaMA from random init on 2 CPU cores in minutes; where it differs from the
 paper (each measured in the README, "Deviations"): all weights are trained (IA3 only rescales a model that already
-computes something), a compact format with hindsight recaps, facts tokens and canvas states (dqn.CompactFormat),
+computes something), a compact format with hindsight recaps, facts tokens and canvas states (compact.CompactFormat),
 sets with failed episodes 5x more likely (--quality low), an auxiliary next-token loss (--aux-lm), gradient
 clipping, α 0.01, the moving average of the weights as the played policy (--ema) and online rounds on its own
 episodes (--online-every, the paper's §4.6 proposal).
@@ -114,7 +114,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
         if f.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
+            kind = {int: int, float: float}.get(f.type, str)
             p.add_argument(flag, type=kind, default=None, choices=f.metadata.get("choices"), help=help)
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
