@@ -365,6 +365,9 @@ def train(cfg: TrainConfig) -> Path:
         with metrics_file.open("a") if rank == 0 else contextlib.nullcontext() as log:
             if step == 0 and cfg.eval_every:  # the untrained model's held-out loss: what "the loss falls" is against
                 record = {"step": 0, "heldout_loss": heldout_loss(), "time": time.time()}
+                if not math.isfinite(record["heldout_loss"]):
+                    raise FloatingPointError(f"held-out loss {record['heldout_loss']} before training: the "
+                                             f"initial weights are not finite")
                 if rank == 0:
                     log.write(json.dumps(record) + "\n")
             while step < total_steps:
@@ -402,9 +405,13 @@ def train(cfg: TrainConfig) -> Path:
                 if not (math.isfinite(loss_sum.item()) and math.isfinite(norm.item())):
                     raise FloatingPointError(f"loss {loss_sum.item()}, gradient norm {norm.item()} at step {step + 1}; "
                                              f"stopped before the update. {last_good()}")
-                optimizer.step()
+                try:
+                    optimizer.step()
+                except RuntimeError as e:  # AdamW's lr-scaled terms overflow float32 before any weight is written
+                    raise FloatingPointError(f"the update of step {step + 1} overflowed (lr {lr:.3g}: {e}). "
+                                             f"{last_good()}") from None
                 if not checkpoint.all_finite([adapter or model]):
-                    raise FloatingPointError(f"the update of step {step + 1} made the weights non-finite (lr {lr}). "
+                    raise FloatingPointError(f"the update of step {step + 1} made the weights non-finite (lr {lr:.3g}). "
                                              f"{last_good()}")
                 dqn.polyak_update(target_params, online_params, cfg.alpha)  # Eq. 8: φ ← α·θ + (1−α)·φ
                 if ema is not None:

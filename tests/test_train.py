@@ -1,13 +1,16 @@
-"""train.py: the loop's checkpoints, exact resume, Ctrl-C, NaN stop, 2-process gloo
-data parallelism, bad input, load_policy. Every run uses a tiny model and context so the file stays ~2 minutes."""
+"""train.py: the double-DQN loss reads the Polyak target network (Eq. 6-8), the loop's metrics and checkpoints, exact
+resume, 2-process gloo data parallelism, the IA3 presets, online rounds, the canvas curriculum, presets and the CLI.
+Every run uses a tiny model, context and data set (the cpu preset's defaults shrunk in size only), about a second
+each; the run dir and resume machinery of checkpoint.py is tested in test_checkpoint.py."""
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import random
-import signal
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,31 +19,80 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
+import compact
 import data
 import dqn
 import frozenlake
 import ia3
 import llama
+import policy
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
+SMALL_LEARNER = dict(qlearn_runs=1, qlearn_episodes=24, set_min=4, set_max=8)  # one 24-episode run, sets of 4-8
+DATA = None  # the episode cache shared by the tests of a session (keyed by its data config, so sharing is safe)
+
+pytestmark = pytest.mark.filterwarnings("ignore:pack_slices dropped")  # 160-token slices drop long episodes
+
+
+@pytest.fixture(autouse=True)
+def small_data(monkeypatch, tmp_path_factory):
+    """The Q-learner's data shrunk (data.LEARNER) and one data dir for the session's tests."""
+    for key, value in SMALL_LEARNER.items():
+        monkeypatch.setitem(data.LEARNER, key, value)
+    monkeypatch.setattr(sys.modules[__name__], "DATA", tmp_path_factory.getbasetemp() / "data")
 
 
 def tiny(tmp_path, **kw):
-    """A run that takes a few seconds: 2-layer d32 model, 160-token slices, 4 maps."""
-    base = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=256, context_len=160,
-                n_maps=4, qlearn_runs=1, qlearn_episodes=24, sets_per_map=2, heldout_sets_per_map=1, set_min=4,
-                set_max=8, steps=4, slices_per_step=2, micro_batch=1, eval_every=2, eval_slices=2, save_every=2,
-                keep_checkpoints=10, progress=False, data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"))
+    """The cpu preset shrunk in size only: a 2-layer d32 model, 160-token slices, 4 maps, 4 steps of 2 slices."""
+    base = dict(dim=32, n_layers=2, context_len=160, n_maps=4, sets_per_map=2, steps=4, slices_per_step=2,
+                micro_batch=1, eval_every=2, eval_slices=2, save_every=2,
+                data_dir=str(DATA or Path(tmp_path) / "data"), out=str(Path(tmp_path) / "run"))
     return train.make_config("cpu", **{**base, **kw})
+
+
+def argv(cfg) -> list[str]:
+    """The command line that gives cfg."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if value is None:
+            continue
+        out += ([flag] if value else ["--no-" + flag[2:]]) if isinstance(value, bool) else [flag, str(value)]
+    return out
+
+
+def small_train_script(tmp_path) -> Path:
+    """`python SCRIPT ARGS` = `python train.py ARGS` on the shrunk data of these tests."""
+    script = tmp_path / "train_small.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport data\n"
+                      f"data.LEARNER.update({SMALL_LEARNER!r})\nimport train\ntrain.main()\n")
+    return script
 
 
 def weights(ckpt: Path, name="model") -> dict:
     return load_file(ckpt / name / "model.safetensors")
 
 
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def batch_of(cfg, n=2, split="train"):
+    """n slices of the run's real data, collated, with the format and its action ids."""
+    tok = policy.small_tokenizer(cfg.format)
+    fmt = policy.trajectory_format(cfg, tok)
+    slices = dqn.pack_slices(data.load_episode_sets(cfg, split), fmt, cfg.context_len, random.Random(0))
+    return dqn.collate(slices[:n], fmt.eos[0]), torch.tensor(fmt.action_ids), fmt
+
+
+# ---------------------------------------------------------------------------------------------------- the policy
+
 def test_small_tokenizer_writes_the_paper_text():
-    tok = train.small_tokenizer()
+    tok = policy.small_tokenizer()
     fmt = dqn.TrajectoryFormat.for_tokenizer(tok)
     assert fmt.style == "llama3" and len(set(fmt.action_ids)) == 4
     tokens, qp = dqn.tokenize_episode(dqn.Episode([8, 9, 13], [2, 1], [0.0, 1.0]), fmt)
@@ -52,210 +104,221 @@ def test_small_tokenizer_writes_the_paper_text():
     assert [tok.decode([tokens[p + 1]]) for p in qp] == ["right", "down"]
 
 
-# ---------------------------------------------------------------------------------------------------------------- CLI
+def test_cpu_model_shape_is_derived_from_dim():
+    """Heads of 32, half as many KV heads (at least one), SwiGLU 3 x dim, positions = the context, Llama 3.1's RoPE
+    base; seeded GPT-2 init (std 0.02, norms one)."""
+    for dim, heads, kv in ((32, 1, 1), (64, 2, 1), (128, 4, 2)):
+        cfg = train.make_config("cpu", dim=dim, n_layers=3, context_len=96)
+        model = policy.small_model(cfg, 300)
+        a = model.args
+        assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim, a.max_seq_len, a.vocab_size) == \
+            (dim, 3, heads, kv, 32, 3 * dim, 96, 300)
+        assert a.rope_theta == 500000.0 and a.rope_scaling is None
+        assert model.layers[0].attention.wk.weight.shape == (kv * 32, dim)
+    assert torch.equal(model.norm.weight, torch.ones(128))
+    assert 0.018 < model.layers[0].feed_forward.w1.weight.std() < 0.022
+    again, other = policy.small_model(cfg, 300), policy.small_model(dataclasses.replace(cfg, seed=1), 300)
+    assert torch.equal(again.output.weight, model.output.weight)
+    assert not torch.equal(other.output.weight, model.output.weight)
 
-def test_presets_and_cli():
-    assert train.parse_args([]) == train.make_config("cpu")
-    paper = train.parse_args(["--preset", "llama3.1-8b", "--model-dir", "/x", "--lr", "0.02", "--no-bf16"])
+
+# ---------------------------------------------------------------------------------------------------- the loss
+
+def hand_td_loss(q, batch, target_scale=1.0, gamma=0.9, reward_scale=30.0) -> float:
+    """Eq. 6-7 by hand, slot by slot, for a target network whose Q-values are target_scale x the online ones:
+    y_t = reward_scale·R at an episode's last action, else γ·Q_φ(h', argmax Q_θ(h')) = γ·target_scale·max Q_θ(h')."""
+    q = q.detach().double()
+    total, n = 0.0, 0
+    for b in range(q.shape[0]):
+        for t in range(q.shape[1]):
+            if not batch["mask"][b, t]:
+                continue
+            if batch["is_last"][b, t]:
+                y = reward_scale * float(batch["rewards"][b, t])
+            else:
+                y = gamma * target_scale * float(q[b, batch["next_index"][b, t]].max())
+            total += (float(q[b, t, batch["actions"][b, t]]) - y) ** 2
+            n += 1
+    return total / n
+
+
+def test_default_loss_reads_the_target_network(tmp_path):
+    """The cpu preset's loss (double DQN with the next-token loss, shrunk in size only) on real slices: the TD loss is
+    Eq. 6-7 computed by hand with the target network's Q-values, changing the target's weights changes the loss and
+    the online gradient by the hand-computed amount, and the target gets no gradient."""
+    cfg = tiny(tmp_path)
+    default = train.make_config("cpu")
+    assert 0 < default.alpha < 1 and cfg.aux_lm == default.aux_lm > 0  # Eq. 8 moves the target, but slowly
+    assert (cfg.gamma, cfg.reward_scale) == (0.9, 30.0)
+    batch, ids, _ = batch_of(cfg)
+    assert (batch["mask"] & ~batch["is_last"]).sum() > 10 and (batch["rewards"] > 0).any()  # bootstraps and a goal
+    model, adapter, target, target_adapter, _ = policy.build_policy(cfg, "cpu")
+    assert adapter is None and target_adapter is None and target is not model
+    target.requires_grad_(True)  # so that a gradient reaching the target would show
+    online = [p for p in model.parameters()]
+
+    def loss_and_grad():
+        model.zero_grad(set_to_none=True)
+        loss, aux = train.td_loss_on(batch, model, None, target, None, ids, cfg, contextlib.nullcontext)
+        grad = torch.autograd.grad(loss, online, retain_graph=True)
+        (loss + cfg.aux_lm * aux).backward()  # as the loop does
+        assert all(p.grad is None for p in target.parameters())  # the targets carry no gradient
+        return loss.item(), aux.item(), torch.cat([g.flatten() for g in grad])
+
+    q = dqn.q_values(model, batch["tokens"], batch["q_positions"], ids)
+    loss, aux, grad = loss_and_grad()  # a fresh target is a copy of the online network: Q_φ = Q_θ
+    assert loss == pytest.approx(hand_td_loss(q, batch), rel=1e-5)
+    assert aux == pytest.approx(dqn.next_token_loss(model(batch["tokens"]), batch).item(), rel=1e-6)
+    with torch.no_grad():
+        target.output.weight.mul_(2.0)  # the target's Q-values double exactly (a power of two)
+    loss2, aux2, grad2 = loss_and_grad()
+    assert loss2 == pytest.approx(hand_td_loss(q, batch, target_scale=2.0), rel=1e-5)
+    assert abs(loss2 - loss) > 1e-3 * loss and aux2 == aux  # the next-token loss does not read the target
+    assert (grad2 - grad).norm() > 1e-3 * grad.norm()
+    with torch.no_grad():
+        target.output.weight.zero_()  # Q_φ = 0: the targets are 30·R at the last actions, 0 elsewhere
+    assert train.td_loss_on(batch, model, None, target, None, ids, cfg, contextlib.nullcontext)[0].item() == \
+        pytest.approx(hand_td_loss(q, batch, target_scale=0.0), rel=1e-5)
+    # the same with the paper's loss alone (--aux-lm 0): the Q-values come from dqn.q_values instead of the logits
+    paper = dataclasses.replace(cfg, aux_lm=0.0)
+    plain, none = train.td_loss_on(batch, model, None, target, None, ids, paper, contextlib.nullcontext)
+    assert none is None and plain.item() == pytest.approx(hand_td_loss(q, batch, target_scale=0.0), rel=1e-5)
+
+
+def test_ia3_loss_reads_the_target_adapter(tmp_path):
+    """The IA3 presets share one frozen base: the target is a second adapter on it, and the loss reads that."""
+    cfg = dataclasses.replace(tiny(tmp_path), format="paper", canvas=False, facts_tokens=False, aux_lm=0.0)
+    batch, ids, _ = batch_of(cfg)
+    base = policy.small_model(cfg, policy.small_tokenizer("paper").n_words).requires_grad_(False)
+    adapter = ia3.IA3(base)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.mul_(1 + 0.2 * torch.randn_like(p))  # not the identity: the adapter matters
+    target = adapter.copy().requires_grad_(True)
+
+    def loss_and_grad():
+        adapter.zero_grad(set_to_none=True)
+        loss, _ = train.td_loss_on(batch, base, adapter, base, target, ids, cfg, contextlib.nullcontext)
+        loss.backward()
+        assert all(p.grad is None for p in target.parameters()) and all(p.grad is None for p in base.parameters())
+        return loss.item(), torch.cat([p.grad.flatten() for p in adapter.parameters()])
+
+    q = dqn.q_values(base, batch["tokens"], batch["q_positions"], ids, adapter)
+    loss, grad = loss_and_grad()
+    assert loss == pytest.approx(hand_td_loss(q, batch), rel=1e-5)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.zero_()  # keys, values and FFN scaled to 0: the target reads each token alone, without its context
+    loss2, grad2 = loss_and_grad()
+    assert abs(loss2 - loss) > 1e-3 * loss and (grad2 - grad).norm() > 1e-3 * grad.norm()
+
+
+def polyak_residual(new: torch.Tensor, old: torch.Tensor, online: torch.Tensor, alpha: float) -> torch.Tensor:
+    """|new − (old + α·(online − old))| in units of float32 rounding of the values (≤ 2: exact up to rounding)."""
+    expected = old.double() + alpha * (online.double() - old.double())
+    ulp = torch.finfo(torch.float32).eps * torch.maximum(old.double().abs(), new.double().abs()).clamp(min=1e-30)
+    return ((new.double() - expected).abs() / ulp).max()
+
+
+@pytest.mark.slow
+def test_the_loop_bootstraps_from_the_polyak_target(tmp_path, monkeypatch):
+    """Two default steps (shrunk in size only): after each, the target moved by exactly α·(θ − φ) from its previous
+    value (Eq. 8; φ_0 = θ_0, the seeded init), and the logged TD loss of step 2 is the loss of its batches with θ_1
+    and that target φ_1, not with θ_1 alone (no target network) nor with the initial network (a frozen target)."""
+    monkeypatch.setattr(checkpoint, "KEEP", 10)
+    cfg = tiny(tmp_path, steps=2, save_every=1, eval_every=0)
+    batches, collate = [], dqn.collate
+
+    def recording(*a, **kw):
+        batches.append(collate(*a, **kw))
+        return batches[-1]
+    monkeypatch.setattr(dqn, "collate", recording)
+    run = train.train(cfg)
+    monkeypatch.setattr(dqn, "collate", collate)
+    assert len(batches) == 2 + 2 + cfg.eval_slices  # 2 micro-batches per step, the final held-out loss
+    ck = [run / "checkpoints" / f"step_{k:06d}" for k in (1, 2)]
+    initial = policy.build_policy(cfg, "cpu")[0]  # θ_0 = φ_0: the seeded init
+    theta0 = {llama.hf_names(initial.args)[k]: v for k, v in initial.state_dict().items()}
+    phi = [theta0, weights(ck[0], "target"), weights(ck[1], "target")]
+    theta = [theta0, weights(ck[0]), weights(ck[1])]
+    for k in (1, 2):
+        moved = max((phi[k][n] - phi[k - 1][n]).abs().max().item() for n in phi[k])
+        for n in phi[k]:
+            assert polyak_residual(phi[k][n], phi[k - 1][n], theta[k][n], cfg.alpha) <= 2, (k, n)
+        # the move is far above rounding: an α off by a factor of 2 would fail the check above
+        assert max(polyak_residual(phi[k][n], phi[k - 1][n], theta[k][n], 2 * cfg.alpha) for n in phi[k]) > 100
+        assert moved > 0
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    model, target = llama.load(ck[0] / "model"), llama.load(ck[0] / "target")
+    ids = torch.tensor(policy.trajectory_format(cfg, policy.small_tokenizer(cfg.format)).action_ids)
+
+    def logged_loss(batches, online, tgt):
+        with torch.no_grad():
+            return sum(train.td_loss_on(b, online, None, tgt, None, ids, cfg, contextlib.nullcontext)[0].float() * 0.5
+                       for b in batches).item()
+    assert rows[0]["loss"] == pytest.approx(logged_loss(batches[:2], initial, initial), rel=1e-6)
+    expected = logged_loss(batches[2:4], model, target)
+    for wrong in (model, initial):  # the logged loss is expected's to the last bits, far from the others
+        assert abs(rows[1]["loss"] - expected) <= 1e-3 * abs(logged_loss(batches[2:4], model, wrong) - expected)
+
+
+def test_aux_next_token_loss_reads_the_same_q_values(tmp_path):
+    cfg = tiny(tmp_path)
+    batch, ids, fmt = batch_of(cfg)
+    model = policy.build_policy(cfg, "cpu")[0]
+    with torch.no_grad():
+        plain, none = train.td_loss_on(batch, model, None, model, None, ids, dataclasses.replace(cfg, aux_lm=0.0),
+                                       contextlib.nullcontext)
+        td, aux = train.td_loss_on(batch, model, None, model, None, ids, cfg, contextlib.nullcontext)
+        assert none is None
+        torch.testing.assert_close(td, plain)  # Q-values gathered from the full logits = dqn.q_values
+        torch.testing.assert_close(aux, dqn.next_token_loss(model(batch["tokens"]), batch))
+    n_words = policy.small_tokenizer(cfg.format).n_words
+    assert aux.item() == pytest.approx(math.log(n_words), rel=0.05)  # untrained: about uniform over the vocabulary
+
+
+# ---------------------------------------------------------------------------------------------------- presets, CLI
+
+def test_learning_rate_warmup_then_constant():
+    cfg = train.make_config("cpu", lr=0.01, warmup_steps=4)
+    assert [train.learning_rate(cfg, s) for s in range(4)] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])
+    assert [train.learning_rate(cfg, s) for s in (4, 54, 10_000)] == [0.01] * 3
+    assert train.learning_rate(dataclasses.replace(cfg, warmup_steps=0), 0) == 0.01
+    default = train.make_config("cpu")
+    assert (default.warmup_steps, default.lr) == (10, 3e-3)
+    assert train.learning_rate(default, 0) == pytest.approx(3e-4)
+
+
+def test_presets_and_cli(tmp_path):
+    assert train.parse_args([]) == (train.make_config("cpu"), False)
+    assert train.parse_args(["--debug", "--steps", "5", "--no-canvas"]) == (
+        train.make_config("cpu", steps=5, canvas=False), True)
+    with pytest.raises(ValueError, match="unknown preset 'gpt'"):
+        train.make_config("gpt")
+    # the paper's recipe (§3.3-4) in the IA3 presets, on an HF dir of a base model with 4096 positions
+    base = policy.small_model(train.make_config("cpu", dim=32, n_layers=1, context_len=4096), 300)
+    llama.save(base, tmp_path / "base")
+    paper, debug = train.parse_args(["--preset", "llama3.1-8b", "--model-dir", str(tmp_path / "base"),
+                                     "--lr", "0.02"])
+    assert not debug and (paper.format, paper.quality, paper.canvas, paper.facts_tokens) == ("paper", "mid", False,
+                                                                                             False)
     assert (paper.lr, paper.warmup_steps, paper.weight_decay, paper.slices_per_step, paper.context_len) == \
         (0.02, 10, 0.01, 10, 4096)
-    assert (paper.gamma, paper.reward_scale, paper.alpha, paper.epochs, paper.steps, paper.bf16) == \
-        (0.9, 30.0, 0.1, 1.0, 0, False)
+    assert (paper.gamma, paper.reward_scale, paper.alpha, paper.epochs, paper.steps) == (0.9, 30.0, 0.1, 1.0, 0)
+    assert (paper.grad_clip, paper.ema, paper.aux_lm, paper.online_every) == (0.0, 0.0, 0.0, 0)
+    assert train.make_config("smollm2") == dataclasses.replace(paper, preset="smollm2", model_dir=None, lr=1e-2)
+    assert len(dataclasses.fields(train.TrainConfig)) == 36
+    for removed in (["--targets", "mc"], ["--n-heads", "4"], ["--lr-schedule", "cosine"], ["--keep-checkpoints", "3"],
+                    ["--bf16"], ["--progress"], ["--novelty-bonus", "1"], ["--set-order", "map"]):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(removed)
+        assert e.value.code == 2
     out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0 and "--normalize-by-mean-target" in out.stdout and "llama3.1-8b: 0.01" in out.stdout
-
-
-def test_learning_rate_schedules():
-    # warmup 4 steps to 0.01, then constant (the paper) or a cosine that ends near 0 at the last of 104 steps
-    const = train.make_config("cpu", lr=0.01, warmup_steps=4)
-    cos = train.make_config("cpu", lr=0.01, warmup_steps=4, lr_schedule="cosine")
-    for cfg in (const, cos):
-        assert [train.learning_rate(cfg, s, 104) for s in range(4)] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])
-    assert [train.learning_rate(const, s, 104) for s in (4, 54, 103)] == [0.01] * 3
-    assert [train.learning_rate(cos, s, 104) for s in (4, 54, 103)] == pytest.approx(
-        [0.01, 0.005, 0.01 * 0.5 * (1 + math.cos(math.pi * 99 / 100))])  # peak, half way, ≈ 2.5e-6
-    assert train.parse_args(["--lr-schedule", "cosine"]).lr_schedule == "cosine"
-
-
-def test_bad_input_fails_before_any_work(tmp_path):
-    with pytest.raises(ValueError, match="needs --model-dir"):
-        train.train(train.make_config("llama3.1-8b", data_dir=str(tmp_path / "d")))
-    with pytest.raises(ValueError, match="context_len 512 is longer than the model's max_seq_len 256"):
-        train.train(tiny(tmp_path, context_len=512))
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train.train(tiny(tmp_path, resume=True))
-    with pytest.raises(ValueError, match="--format compact needs the cpu preset"):
-        train.train(train.make_config("smollm2", format="compact", data_dir=str(tmp_path / "d")))
-    with pytest.raises(ValueError, match="--aux-lm is a loss weight, got -1.0"):
-        train.train(tiny(tmp_path, aux_lm=-1.0))
-    with pytest.raises(ValueError, match="--novelty-bonus is added to the Monte-Carlo targets"):
-        train.train(tiny(tmp_path, targets="dqn", novelty_bonus=1.0))
-    with pytest.raises(ValueError, match="--canvas writes the compact format"):
-        train.train(tiny(tmp_path, canvas=True, format="paper"))
-    with pytest.raises(ValueError, match="add --no-facts-tokens for --format paper"):
-        train.train(tiny(tmp_path, canvas=False, format="paper"))
-    with pytest.raises(ValueError, match="0 <= online_share <= 1"):
-        train.train(tiny(tmp_path, online_every=5, online_share=1.5, canvas_from=0.0))
-    ckpt = tmp_path / "run" / "checkpoints" / "step_000002"  # a checkpoint of another model shape
-    ckpt.mkdir(parents=True)
-    (ckpt / "train_config.json").write_text(json.dumps({**json.loads(json.dumps(tiny(tmp_path).__dict__)), "dim": 64}))
-    (tmp_path / "run" / "latest").write_text("checkpoints/step_000002")
-    with pytest.raises(ValueError, match="another model/preset.*dim: checkpoint 64, now 32"):
-        train.train(tiny(tmp_path, resume=True))
-    assert not (tmp_path / "d").exists() and not (tmp_path / "data").exists()  # nothing generated
-    out = subprocess.run([sys.executable, "train.py", "--preset", "llama3.1-8b"], cwd=ROOT, capture_output=True,
-                         text=True)
-    assert out.returncode == 2 and "needs --model-dir" in out.stderr
-
-
-# ---------------------------------------------------------------------------------------------------------------- loop
-
-@pytest.mark.slow
-def test_tiny_run_writes_checkpoints_metrics_png_and_loads(tmp_path):
-    cfg = tiny(tmp_path)
-    run = train.train(cfg)
-    assert (run / "latest").read_text() == "checkpoints/step_000004"
-    ckpt = run / "checkpoints" / "step_000004"
-    assert {p.name for p in ckpt.iterdir()} == {"train_config.json", "model", "target", "ema", "optimizer.pt",
-                                                "trainer_state.pt"}
-    assert (run / "checkpoints" / "step_000002").is_dir()
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    before, rows = rows[0], rows[1:]  # step 0: the untrained model's held-out loss, no training record
-    assert before["step"] == 0 and before["heldout_loss"] > 0 and "loss" not in before
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["lr"] for r in rows] == pytest.approx(
-        [cfg.lr * k / 10 for k in (1, 2, 3, 4)])  # linear warmup over 10 steps
-    assert all("heldout_loss" in r for r in rows[1::2]) and rows[0]["tokens_per_s"] > 0
-    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the target moved by Polyak: neither the initial copy nor the online model
-    online, target = weights(ckpt), weights(ckpt, "target")
-    assert not torch.equal(online["model.norm.weight"], target["model.norm.weight"])
-
-    # load_policy round trip, checked against transformers reading the same checkpoint dir
-    model, adapter, tok, fmt = train.load_policy(run)
-    assert model.args.rope_theta == cfg.rope_theta == 500000.0  # Llama 3.1's base, saved with the checkpoint
-    assert adapter is None and fmt.action_ids == dqn.TrajectoryFormat.for_tokenizer(
-        train.small_tokenizer(cfg.format)).action_ids
-    import transformers
-    hf = transformers.LlamaForCausalLM.from_pretrained(ckpt / "ema").eval()  # what it plays: the --ema average
-    assert fmt.canvas  # the default trains its last stage on canvas states: an episode needs its map's width
-    tokens, qp = dqn.tokenize_episode(dqn.Episode([0, 1, 2], [2, 2], [0.0, 1.0], ncol=3), fmt)
-    tokens = torch.tensor([tokens])
-    q = dqn.q_values(model, tokens, torch.tensor([qp]), fmt.action_ids)
-    with torch.no_grad():
-        ref = hf(tokens).logits[0, qp][:, fmt.action_ids]
-    torch.testing.assert_close(q[0], ref, atol=1e-4, rtol=1e-4)
-
-    # a run trained with an option this version no longer has still loads: the key is dropped with a warning
-    saved = json.loads((ckpt / "train_config.json").read_text())
-    (ckpt / "train_config.json").write_text(json.dumps({**saved, "hole_penalty": 0.5}))
-    with pytest.warns(UserWarning, match="hole_penalty"):
-        old_model, _, _, _ = train.load_policy(run)
-    torch.testing.assert_close(dqn.q_values(old_model, tokens, torch.tensor([qp]), fmt.action_ids), q)
-
-
-@pytest.mark.slow
-def test_interrupt_mid_step_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
-    straight = train.train(tiny(tmp_path / "a"))
-    # a KeyboardInterrupt in the middle of step 3 (a second Ctrl-C): the step-2 state is saved, nothing half-done
-    calls, collate = [0], dqn.collate
-
-    def interrupting_collate(*a, **kw):
-        calls[0] += 1
-        if calls[0] == 2 + 2 * 2 + 2 + 1:  # 2 held-out slices before training, 2 slices per step, 2 held-out
-            # slices after step 2, then the first slice of step 3
-            raise KeyboardInterrupt
-        return collate(*a, **kw)
-    monkeypatch.setattr(dqn, "collate", interrupting_collate)
-    run = train.train(tiny(tmp_path / "b"))
-    monkeypatch.undo()
-    assert (run / "latest").read_text() == "checkpoints/step_000002"
-    resumed = train.train(tiny(tmp_path / "b", resume=True))
-    a, b = straight / "checkpoints" / "step_000004", resumed / "checkpoints" / "step_000004"
-    for name in ("model", "target", "ema"):
-        wa, wb = weights(a, name), weights(b, name)
-        assert all(torch.equal(wa[k], wb[k]) for k in wa), name  # bit for bit on CPU
-    oa, ob = torch.load(a / "optimizer.pt"), torch.load(b / "optimizer.pt")
-    assert all(torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"]) for i in oa["state"])
-    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [0, 1, 2, 3, 4]
-
-
-def test_ema_averages_the_weights_after_every_step_saves_resumes_and_plays(tmp_path):
-    """--ema d: avg_k = d·avg_(k-1) + (1-d)·θ_k after every step k, checked between consecutive checkpoints; a run
-    resumed at step 2 ends with the same average bit for bit; load_policy plays the average unless told otherwise."""
-    straight = train.train(tiny(tmp_path / "a", ema=0.75, save_every=1, canvas=False))
-    ck = [straight / "checkpoints" / f"step_{k:06d}" for k in range(5)]
-    for k in (2, 3, 4):
-        before, now, online = weights(ck[k - 1], "ema"), weights(ck[k], "ema"), weights(ck[k])
-        for name in now:
-            torch.testing.assert_close(now[name], 0.75 * before[name] + 0.25 * online[name])
-        assert not torch.equal(now["model.norm.weight"], online["model.norm.weight"])
-    train.train(tiny(tmp_path / "b", ema=0.75, steps=2, canvas=False))
-    resumed = train.train(tiny(tmp_path / "b", ema=0.75, resume=True, canvas=False))
-    a, b = weights(ck[4], "ema"), weights(resumed / "checkpoints" / "step_000004", "ema")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    averaged, _, _, _ = train.load_policy(straight)
-    online, _, _, _ = train.load_policy(straight, averaged=False)
-    torch.testing.assert_close(averaged.norm.weight, a["model.norm.weight"], rtol=0, atol=0)
-    torch.testing.assert_close(online.norm.weight, weights(ck[4])["model.norm.weight"], rtol=0, atol=0)
-    assert not (train.train(tiny(tmp_path / "c", ema=0.0)) / "checkpoints" / "step_000004" / "ema").exists()
-    assert train.make_config("cpu").ema == 0.99 and train.make_config("smollm2").ema == 0.0  # the paper: none
-    with pytest.raises(ValueError, match="--ema 1.0 is the average's decay"):
-        train.train(tiny(tmp_path / "d", ema=1.0))
-
-
-def test_ctrl_c_signal_finishes_the_step_and_saves(tmp_path, monkeypatch):
-    calls, collate = [0], dqn.collate
-
-    def ctrl_c(*a, **kw):
-        calls[0] += 1
-        if calls[0] == 1:  # the real signal, in step 1: the step completes, is saved, the run returns
-            os.kill(os.getpid(), signal.SIGINT)
-        return collate(*a, **kw)
-    monkeypatch.setattr(dqn, "collate", ctrl_c)
-    before = signal.getsignal(signal.SIGINT)
-    run = train.train(tiny(tmp_path, steps=50))
-    assert (run / "latest").read_text() == "checkpoints/step_000001"
-    assert signal.getsignal(signal.SIGINT) is before  # handler restored
-    assert (run / "loss.png").exists()
-
-
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    calls, td_loss = [0], dqn.td_loss
-
-    def nan_from_step_3(*a, **kw):
-        calls[0] += 1
-        loss = td_loss(*a, **kw)
-        return loss * float("nan") if calls[0] > 2 * 2 + 2 else loss  # 2 steps x 2 slices + 2 held-out slices
-    monkeypatch.setattr(dqn, "td_loss", nan_from_step_3)
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 3.*step_000002"):
-        train.train(tiny(tmp_path))
-    run = tmp_path / "run"
-    assert (run / "latest").read_text() == "checkpoints/step_000002"
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002"]
-    assert all(torch.isfinite(t).all() for t in weights(run / "checkpoints" / "step_000002").values())
-
-
-def test_ia3_preset_trains_only_the_adapter(tmp_path):
-    """The IA3 path (smollm2 / llama3.1-8b presets) on a tiny random base model written in HF format."""
-    tok = train.small_tokenizer()
-    base = train.small_model(tiny(tmp_path), tok.n_words)
-    llama.save(base, tmp_path / "base")
-    tok.save(tmp_path / "base")
-    kw = {k: v for k, v in tiny(tmp_path).__dict__.items() if k not in train.MODEL_FIELDS and k != "lr"
-          and not k.startswith("canvas") and k != "facts_tokens"}  # the paper's text has no canvas, no facts tokens
-    run = train.train(train.make_config("smollm2", **{**kw, "model_dir": str(tmp_path / "base"), "steps": 2,
-                                                      "ema": 0.5}))
-    ckpt = run / "checkpoints" / "step_000002"
-    assert (ckpt / "adapter" / "adapter_config.json").is_file() and (ckpt / "target_adapter").is_dir()
-    model, adapter, _, _ = train.load_policy(run, averaged=False)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
-    assert adapter is not None and not torch.equal(adapter.l_ff[0], torch.ones_like(adapter.l_ff[0]))
-    # --ema: the averaged adapter on the same base, saved beside the online one and played by default
-    averaged = train.load_policy(run)[1]
-    assert (ckpt / "ema_adapter" / "adapter_config.json").is_file()
-    torch.testing.assert_close(averaged.l_ff[0], ia3.IA3.from_pretrained(ckpt / "ema_adapter", model).l_ff[0])
-    assert not torch.equal(averaged.l_ff[0], adapter.l_ff[0])
+    assert out.returncode == 0 and "--alpha" in out.stdout and "--overwrite" in out.stdout
+    assert "cpu: 0.01, smollm2: 0.1, llama3.1-8b: 0.1" in " ".join(out.stdout.split())  # the per-preset defaults
+    assert "--targets" not in out.stdout and "--bf16" not in out.stdout
 
 
 def test_smollm2_preset_without_its_assets_fails_clearly(tmp_path, monkeypatch):
@@ -274,26 +337,182 @@ def test_smollm2_preset_without_its_assets_fails_clearly(tmp_path, monkeypatch):
             train.train(cfg)
     monkeypatch.setitem(sys.modules, "gguf", None)  # `from gguf import ...` raises ImportError
     with pytest.raises(FileNotFoundError, match=r"gguf.*pip install gguf==0\.19\.0"):
-        train.base_model_dir(cfg)
-    assert not (tmp_path / "d").exists() and not (tmp_path / "cache").exists()  # nothing generated
+        policy.base_model_dir(cfg)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+
+@pytest.mark.slow
+def test_tiny_run_writes_checkpoints_metrics_png_and_loads(tmp_path, capsys):
+    cfg = tiny(tmp_path)
+    run = train.train(cfg)
+    assert run == Path(cfg.out) and (run / "latest").read_text() == "checkpoints/step_000004"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000004"]  # KEEP = 2
+    ckpt = run / "checkpoints" / "step_000004"
+    assert {p.name for p in ckpt.iterdir()} == {"train_config.json", "manifest.json", "model", "target", "ema",
+                                                "optimizer.pt", "trainer_state.pt"}
+    assert json.loads((ckpt / "train_config.json").read_text()) == dataclasses.asdict(cfg)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    files = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert manifest["step"] == 4 and sorted(manifest["files"]) == files
+    assert {"model/model.safetensors", "model/tokenizer.model", "target/model.safetensors", "ema/model.safetensors",
+            "optimizer.pt", "trainer_state.pt", "train_config.json"} <= set(files)
+    assert all(manifest["files"][f] == hashlib.sha256((ckpt / f).read_bytes()).hexdigest() for f in files)
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 4 and state["online_sets"] == []
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    before, rows = rows[0], rows[1:]  # step 0: the untrained model's held-out loss, no training record
+    assert before["step"] == 0 and before["heldout_loss"] > 0 and "loss" not in before
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["lr"] for r in rows] == pytest.approx(
+        [cfg.lr * k / 10 for k in (1, 2, 3, 4)])  # linear warmup over 10 steps
+    assert ["heldout_loss" in r for r in rows] == [False, True, False, True]
+    assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 and r["tokens"] <= 2 * 160 for r in rows)
+    n_words = policy.small_tokenizer(cfg.format).n_words
+    assert rows[0]["next_token_loss"] == pytest.approx(math.log(n_words), rel=0.05)
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    err = capsys.readouterr().err
+    trainable = sum(p.numel() for p in policy.small_model(cfg, n_words).parameters())
+    assert f"{trainable:,} trainable parameters" in err and "device cpu, world 1" in err
+    online, target, ema = weights(ckpt), weights(ckpt, "target"), weights(ckpt, "ema")
+    for other in (target, ema):  # Polyak averages of the online weights, not copies of them
+        assert not torch.equal(online["model.norm.weight"], other["model.norm.weight"])
+
+    # load_policy plays the --ema average; checked against transformers reading the same checkpoint dir
+    model, adapter, tok, fmt = policy.load_policy(run)
+    assert adapter is None and model.args.rope_theta == 500000.0 and not model.training
+    assert fmt.canvas and fmt.facts and fmt.action_ids == policy.trajectory_format(cfg, tok).action_ids
+    assert torch.equal(model.norm.weight, ema["model.norm.weight"])
+    assert torch.equal(policy.load_policy(run, averaged=False)[0].norm.weight, online["model.norm.weight"])
+    import transformers
+    hf = transformers.LlamaForCausalLM.from_pretrained(ckpt / "ema").eval()
+    tokens, qp = dqn.tokenize_episode(dqn.Episode([0, 1, 2], [2, 2], [0.0, 1.0], ncol=3), fmt)
+    tokens = torch.tensor([tokens])
+    q = dqn.q_values(model, tokens, torch.tensor([qp]), fmt.action_ids)
+    with torch.no_grad():
+        ref = hf(tokens).logits[0, qp][:, fmt.action_ids]
+    torch.testing.assert_close(q[0], ref, atol=1e-4, rtol=1e-4)
+    # a run saved by a version with other options still loads: unknown keys are ignored
+    saved = json.loads((ckpt / "train_config.json").read_text())
+    (ckpt / "train_config.json").write_text(json.dumps({**saved, "targets": "mc", "hole_penalty": 0.5}))
+    manifest["files"]["train_config.json"] = hashlib.sha256((ckpt / "train_config.json").read_bytes()).hexdigest()
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    old_model = policy.load_policy(run)[0]
+    torch.testing.assert_close(dqn.q_values(old_model, tokens, torch.tensor([qp]), fmt.action_ids), q, rtol=0, atol=0)
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:pack_slices dropped")  # 256-token context: long episodes are dropped, by design
+def test_interrupt_mid_step_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    straight = train.train(tiny(tmp_path / "a"))
+    # a KeyboardInterrupt in the middle of step 3 (a second Ctrl-C): the step-2 state is saved, nothing half-done
+    calls, collate = [0], dqn.collate
+
+    def interrupting_collate(*a, **kw):
+        calls[0] += 1
+        if calls[0] == 2 + 2 * 2 + 2 + 1:  # 2 held-out slices before training, 2 slices per step, 2 held-out
+            raise KeyboardInterrupt        # slices after step 2, then the first slice of step 3
+        return collate(*a, **kw)
+    monkeypatch.setattr(dqn, "collate", interrupting_collate)
+    with pytest.raises(train.Interrupted, match=r"interrupted \(SIGINT\): saved step 2 .*--resume --out"):
+        train.train(tiny(tmp_path / "b"))
+    monkeypatch.setattr(dqn, "collate", collate)
+    run = tmp_path / "b" / "run"
+    assert (run / "latest").read_text() == "checkpoints/step_000002"
+    resumed = train.train(tiny(tmp_path / "b", resume=True))
+    a, b = straight / "checkpoints" / "step_000004", resumed / "checkpoints" / "step_000004"
+    for name in ("model", "target", "ema"):
+        assert_same_weights(weights(a, name), weights(b, name))  # bit for bit on CPU
+    oa, ob = torch.load(a / "optimizer.pt"), torch.load(b / "optimizer.pt")
+    for i in oa["state"]:
+        assert all(torch.equal(oa["state"][i][k], ob["state"][i][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+    rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    straight_rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("loss") for r in rows] == [r.get("loss") for r in straight_rows]
+
+
+def test_ema_averages_the_weights_after_every_step_and_plays(tmp_path, monkeypatch):
+    """--ema d: avg_k = d·avg_(k-1) + (1-d)·θ_k after every step k, checked between consecutive checkpoints (with
+    d = 0.75 it differs from the target's α); load_policy plays the average unless told otherwise."""
+    monkeypatch.setattr(checkpoint, "KEEP", 10)
+    run = train.train(tiny(tmp_path, ema=0.75, steps=3, save_every=1, eval_every=0))
+    ck = [run / "checkpoints" / f"step_{k:06d}" for k in (1, 2, 3)]
+    for k in (1, 2):
+        before, now, online = weights(ck[k - 1], "ema"), weights(ck[k], "ema"), weights(ck[k])
+        for name in now:
+            assert polyak_residual(now[name], before[name], online[name], 0.25) <= 2, name
+        assert not torch.equal(now["model.norm.weight"], online["model.norm.weight"])
+        assert not torch.equal(now["model.norm.weight"], weights(ck[k], "target")["model.norm.weight"])
+    averaged, _, _, _ = policy.load_policy(run)
+    online, _, _, _ = policy.load_policy(run, averaged=False)
+    assert torch.equal(averaged.norm.weight, weights(ck[2], "ema")["model.norm.weight"])
+    assert torch.equal(online.norm.weight, weights(ck[2])["model.norm.weight"])
+    assert train.make_config("cpu").ema == 0.99 and train.make_config("smollm2").ema == 0.0  # the paper: none
+
+
+def test_ia3_preset_trains_only_the_adapter(tmp_path, capsys):
+    """The IA3 path (smollm2 / llama3.1-8b presets) on a tiny random base model written in HF format."""
+    small = tiny(tmp_path)
+    tok = policy.small_tokenizer()
+    base = policy.small_model(small, tok.n_words)
+    llama.save(base, tmp_path / "base")
+    tok.save(tmp_path / "base")
+    keep = ("n_maps", "sets_per_map", "context_len", "slices_per_step", "micro_batch", "eval_every", "eval_slices",
+            "save_every", "data_dir", "out")
+    cfg = train.make_config("smollm2", **{k: getattr(small, k) for k in keep}, model_dir=str(tmp_path / "base"),
+                            steps=2, ema=0.5)
+    run = train.train(cfg)
+    ckpt = run / "checkpoints" / "step_000002"
+    assert {p.name for p in ckpt.iterdir()} == {"train_config.json", "manifest.json", "adapter", "target_adapter",
+                                                "ema_adapter", "optimizer.pt", "trainer_state.pt"}
+    assert json.loads((ckpt / "adapter" / "adapter_config.json").read_text())["peft_type"] == "IA3"
+    widths = sum(p.numel() for p in ia3.IA3(base).parameters())  # k, v, ffn per layer: 32 + 32 + 96, 2 layers
+    assert widths == 2 * (32 + 32 + 96) and f" {widths:,} trainable parameters" in capsys.readouterr().err
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["base_model"]["config_sha256"] == hashlib.sha256(
+        (tmp_path / "base" / "config.json").read_bytes()).hexdigest()
+    model, adapter, _, fmt = policy.load_policy(run, averaged=False)
+    assert type(fmt) is dqn.TrajectoryFormat and fmt.style == "llama3"  # the paper's text: no canvas, no facts
+    assert_same_weights(model.state_dict(), base.state_dict())  # the base is untouched
+    assert not any(p.requires_grad for p in model.parameters())
+    moved = [not torch.equal(p, torch.ones_like(p)) for p in adapter.parameters()]
+    assert len(moved) == 3 * 2 and all(moved)  # every IA3 vector trained
+    # the Polyak target and the --ema average: other adapters on the same base, the average played by default
+    target = ia3.IA3.from_pretrained(ckpt / "target_adapter", model)
+    averaged = policy.load_policy(run)[1]
+    torch.testing.assert_close(averaged.l_ff[0], ia3.IA3.from_pretrained(ckpt / "ema_adapter", model).l_ff[0])
+    for other in (target, averaged):
+        assert not torch.equal(other.l_ff[0], adapter.l_ff[0]) and not torch.equal(other.l_ff[0],
+                                                                                    torch.ones_like(adapter.l_ff[0]))
+    # resuming on another base model (same shapes, other weights) is refused
+    other = policy.small_model(dataclasses.replace(small, seed=1), tok.n_words)
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if "norm" in name:  # another pretrained model: its norms are not those of the first
+                p.mul_(1.5)
+    llama.save(other, tmp_path / "base")
+    with pytest.raises(ValueError, match="trained on another base model"):
+        train.train(dataclasses.replace(cfg, resume=True, steps=4))
+    assert (run / "latest").read_text() == "checkpoints/step_000002"
+
+
+@pytest.mark.slow
 def test_smollm2_preset_one_step_on_the_real_model(tmp_path, smollm2_dir):
     """The real smollm2 preset (SmolLM2-135M + IA3, paper hyperparameters) for one optimizer step on CPU: only the
     IA3 vectors move, and the checkpoint holds a PEFT adapter dir."""
     cfg = train.make_config("smollm2", model_dir=str(smollm2_dir), n_maps=2, sets_per_map=1, context_len=256,
-                            slices_per_step=1, micro_batch=1, eval_slices=1, heldout_sets_per_map=1, steps=1,
-                            qlearn_runs=1, qlearn_episodes=24, set_min=4, set_max=8, progress=False,
-                            out=str(tmp_path / "run"), data_dir=str(tmp_path / "data"))
+                            slices_per_step=1, micro_batch=1, eval_slices=1, eval_every=0, steps=1,
+                            out=str(tmp_path / "run"), data_dir=str(DATA))
     run = train.train(cfg)
     ckpt = run / "checkpoints" / "step_000001"
     adapter_config = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "IA3" and (ckpt / "adapter" / "adapter_model.safetensors").is_file()
-    model, adapter, _, _ = train.load_policy(run)
+    assert adapter_config["base_model_name_or_path"] == str(smollm2_dir)
+    model, adapter, _, fmt = policy.load_policy(run)
+    assert fmt.style == "chatml"
     base = llama.load(smollm2_dir)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
+    assert_same_weights(model.state_dict(), base.state_dict())
     assert not any(p.requires_grad for p in model.parameters())
     moved = [not torch.equal(p, torch.ones_like(p)) for p in adapter.parameters()]
     assert len(moved) == 3 * base.args.n_layers and all(moved)  # lr warmup step 1 of 10: small, but every vector
@@ -302,76 +521,70 @@ def test_smollm2_preset_one_step_on_the_real_model(tmp_path, smollm2_dir):
 @pytest.mark.slow
 def test_two_process_gloo_equals_one_process(tmp_path):
     one = train.train(tiny(tmp_path / "one", steps=3, eval_every=0))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
     cfg = tiny(tmp_path / "two", steps=3, eval_every=0)
-    for k, v in cfg.__dict__.items():
-        if v is not None and k != "preset":
-            cmd += [f"--{k.replace('_', '-')}" if v is not False else f"--no-{k.replace('_', '-')}"] + \
-                   ([] if isinstance(v, bool) else [str(v)])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(small_train_script(tmp_path))] + argv(cfg)
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "world 2" in out.stderr
-    a, b = weights(one / "checkpoints" / "step_000003"), weights(Path(cfg.out) / "checkpoints" / "step_000003")
+    a, b = (weights(Path(r) / "checkpoints" / "step_000003") for r in (one, cfg.out))
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    assert not torch.equal(a["model.norm.weight"], torch.ones_like(a["model.norm.weight"]))  # it trained
+    rows = [[json.loads(line) for line in (Path(r) / "metrics.jsonl").read_text().splitlines()] for r in (one, cfg.out)]
+    assert [r["step"] for r in rows[1]] == [1, 2, 3]
+    for r1, r2 in zip(*rows):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5) and r2["tokens"] == r1["tokens"]
+    assert rows[1][-1]["heldout_loss"] == pytest.approx(rows[0][-1]["heldout_loss"], rel=1e-5)
 
 
-def test_compact_online_run_plays_its_own_episodes_and_resumes_exactly(tmp_path):
-    """--format compact --relabel-states --targets mc --online-every 2: the model plays 2 training maps at step 2
-    (30 episodes each, the evaluation schedule), half of each later step's slices come from those episodes, and a run
-    stopped at step 2 then resumed equals the straight run (the online pool is in the checkpoint)."""
-    kw = dict(format="compact", relabel_states=True, targets="mc", online_every=2, online_maps=2, steps=4,
-              canvas=False)
-    straight = train.train(tiny(tmp_path / "a", **kw))
+@pytest.mark.slow
+def test_online_rounds_play_and_resume_exactly(tmp_path, monkeypatch):
+    """--online-every 2 with 2 maps a round: the model plays 2 training maps at step 2 (30 episodes each, the
+    evaluation schedule), real episodes of those maps, and the rest of the run trains a quarter of each step's slices
+    on them (placed on the canvas in the canvas stage, which starts at step 2 here); a run resumed from the step-2
+    checkpoint equals the straight run (the online pool is in the checkpoint)."""
+    monkeypatch.setattr(data, "ONLINE_MAPS", 2)
+    cfg = tiny(tmp_path / "a", online_every=2, slices_per_step=4, micro_batch=2, eval_every=0)
+    straight = train.train(cfg)
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     online = [r for r in rows if "online_greedy_success" in r]
     assert [r["step"] for r in online] == [2] and 0.0 <= online[0]["online_greedy_success"] <= 1.0
     state = torch.load(straight / "checkpoints" / "step_000004" / "trainer_state.pt", weights_only=False)
     (played_at, sets), = state["online_sets"]
+    maps = data.online_round_maps(cfg, 2)
     assert played_at == 2 and len(sets) == 2 and all(len(eps) == 30 for eps in sets)
-    for desc, eps in zip(random.Random("0/online2").sample(frozenlake.train_maps()[:4], 2), sets):
+    assert maps == random.Random("0/online2").sample(frozenlake.train_maps(4), 2)
+    for desc, eps in zip(maps, sets):
         for ep in eps:  # real episodes of that map: replaying the actions reproduces the states and the outcome
             env = frozenlake.FrozenLake(desc)
             env.reset(seed=0)
             env.s = ep.observations[0]
             for a, s_next in zip(ep.actions, ep.observations[1:]):
-                assert env.step(a)[0] == s_next
-    model, _, tok, fmt = train.load_policy(straight)
-    assert type(fmt).__name__ == "CompactFormat"
-
-    train.train(tiny(tmp_path / "b", **{**kw, "steps": 2}))
-    resumed = train.train(tiny(tmp_path / "b", **{**kw, "resume": True}))
-    wa, wb = (weights(r / "checkpoints" / "step_000004") for r in (straight, resumed))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def test_aux_next_token_loss_reads_the_same_q_values_and_is_logged(tmp_path):
-    cfg = tiny(tmp_path, aux_lm=2.0, steps=6, lr=1e-2, warmup_steps=1, canvas=False)  # one stage: one token set
-    tok = train.small_tokenizer(cfg.format)
-    fmt = dqn.TrajectoryFormat.for_tokenizer(tok)
-    model = train.small_model(cfg, tok.n_words, tok.special_tokens)
-    eps = [dqn.Episode([0, 1, 2], [2, 2], [0.0, 1.0]), dqn.Episode([0, 4], [1], [0.0])]
-    batch = dqn.collate(dqn.pack_slices([eps], fmt, 160, random.Random(0)), fmt.eos[0])
-    ids = torch.tensor(fmt.action_ids)
-    plain, none = train.td_loss_on(batch, model, None, model, None, ids, cfg, contextlib.nullcontext)
-    td, aux = train.td_loss_on(batch, model, None, model, None, ids, cfg, contextlib.nullcontext, cfg.aux_lm)
-    assert none is None
-    torch.testing.assert_close(td, plain)  # Q-values gathered from the full logits = dqn.q_values
-    torch.testing.assert_close(aux, dqn.next_token_loss(model(batch["tokens"]), batch))
-    run = train.train(cfg)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
-    aux = [r["next_token_loss"] for r in rows]
-    assert aux[0] == pytest.approx(math.log(tok.n_words), rel=0.05)  # untrained: about uniform over the vocabulary
-    assert aux[-1] < aux[0] - 0.5
+                s, r, *_ = env.step(a)
+                assert s == s_next
+            assert ep.rewards[-1] == r and ep.ncol == len(desc[0])
+    # a resumed run: the step-2 checkpoint of the straight run, the later one removed
+    resumed_dir = tmp_path / "b" / "run"
+    shutil.copytree(straight, resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "step_000004")
+    resumed = train.train(dataclasses.replace(cfg, out=str(resumed_dir), resume=True))
+    for name in ("model", "target", "ema"):
+        assert_same_weights(*(weights(r / "checkpoints" / "step_000004", name) for r in (straight, resumed)))
+    assert [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()][-1]["loss"] == \
+        rows[-1]["loss"]
 
 
 def test_canvas_sets_sit_at_one_random_offset_each_and_held_out_at_the_origin(tmp_path):
-    cfg = tiny(tmp_path, canvas=True, n_maps=8)
+    cfg = tiny(tmp_path, n_maps=8, data_dir=str(tmp_path / "data"))
+    assert cfg.canvas and cfg.facts_tokens  # the cpu preset's default
     maps = frozenlake.train_maps(cfg.n_maps)
     plain = data.load_episode_sets(dataclasses.replace(cfg, canvas=False), "train")
     stored = json.loads(next(Path(cfg.data_dir).glob("train-*/episodes.json")).read_text())
     offsets = set()
-    for (m, _, _), before, after in zip(stored["sets"], plain, data.load_episode_sets(cfg, "train")):
+    for (m, _, _), before, after, at_origin in zip(stored["sets"], plain, data.load_episode_sets(cfg, "train"),
+                                                  data.load_episode_sets(cfg, "train", canvas_origin=True)):
         nrow, ncol = len(maps[m]), len(maps[m][0])
         rows = {s // 8 - b // ncol for e, f in zip(before, after) for b, s in zip(e.observations, f.observations)}
         cols = {s % 8 - b % ncol for e, f in zip(before, after) for b, s in zip(e.observations, f.observations)}
@@ -379,99 +592,59 @@ def test_canvas_sets_sit_at_one_random_offset_each_and_held_out_at_the_origin(tm
         (dr,), (dc,) = rows, cols
         assert 0 <= dr <= 8 - nrow and 0 <= dc <= 8 - ncol  # ... that keeps the map on the canvas
         assert all(f.ncol == 8 for f in after)
+        assert at_origin == [compact.to_canvas(e) for e in before]  # the curriculum's first stage: every set at (0, 0)
         offsets.add((dr, dc))
     assert len(offsets) > 3
     held, held_plain = (sum(data.load_episode_sets(c, "heldout"), [])
                         for c in (cfg, dataclasses.replace(cfg, canvas=False)))
-    assert held == [dqn.to_canvas(e) for e in held_plain]  # at (0, 0), as evaluate.py writes the test maps
-    run = train.train(dataclasses.replace(cfg, steps=2))
-    _, _, _, fmt = train.load_policy(run)
-    assert fmt.canvas
-    # --canvas-origin-share: that share of the sets at (0, 0), where evaluate.py writes every map
-    canvas_plain = [[dqn.to_canvas(e) for e in episodes] for episodes in plain]
-
-    def at_origin(share):
-        sets = data.load_episode_sets(dataclasses.replace(cfg, canvas_origin_share=share), "train")
-        return sum(a == b for a, b in zip(sets, canvas_plain))
-    assert at_origin(1.0) == len(plain) == 16
-    assert at_origin(0.0) < at_origin(0.5) < 16
-    with pytest.raises(ValueError, match="--canvas-origin-share 1.5 is a share"):
-        train.train(dataclasses.replace(cfg, canvas_origin_share=1.5))
-    with pytest.raises(ValueError, match="with --canvas"):
-        train.train(dataclasses.replace(cfg, canvas=False, canvas_origin_share=0.5))
+    assert held == [compact.to_canvas(e) for e in held_plain]  # at (0, 0), as evaluate.py writes the test maps
 
 
-@pytest.mark.parametrize("first_stage, first_flags", [("ordinary", dict(canvas=False)),
-                                                      ("origin", dict(canvas_origin_share=1.0, canvas_from=0.0))])
-def test_canvas_from_equals_a_first_stage_run_resumed_with_canvas(tmp_path, first_stage, first_flags):
-    """--canvas-from 0.5 of a 4-step run is the two-stage recipe: 2 steps on canvas states at the origin (or, with
-    --canvas-first-stage ordinary, on ordinary states), then --resume with canvas offsets to the end. Same losses at
-    every step, bit-identical final weights; the held-out loss of the first stage is the first stage's format's."""
-    def rows(run):
-        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    one = train.train(tiny(tmp_path, canvas_from=0.5, canvas_first_stage=first_stage, out=str(tmp_path / "one")))
-    first = tiny(tmp_path, steps=2, out=str(tmp_path / "two"), **first_flags)
-    train.train(first)
-    two = train.train(dataclasses.replace(first, canvas=True, canvas_origin_share=0.0, canvas_from=0.0, resume=True,
-                                          steps=4))
-    assert [r["loss"] for r in rows(one) if "loss" in r] == [r["loss"] for r in rows(two) if "loss" in r]
-    assert rows(one)[0]["heldout_loss"] == rows(two)[0]["heldout_loss"]  # step 0: the first stage's states
-    final_one, final_two = weights(train.latest_checkpoint(one)), weights(train.latest_checkpoint(two))
-    assert final_one.keys() == final_two.keys()
-    assert all(torch.equal(final_one[k], final_two[k]) for k in final_one)
-    assert train.load_policy(one)[3].canvas  # the policy reads canvas states, as it was last trained
+def test_canvas_curriculum_trains_the_first_steps_at_the_origin(tmp_path, monkeypatch):
+    """The default curriculum (--canvas-from 0.6): of 4 steps the first round(2.4) = 2 train on every set at the
+    canvas origin, the rest on the sets at their random offsets; the held-out loss reads the test maps at the
+    origin throughout, and the policy reads canvas states."""
+    cfg = tiny(tmp_path)
+    assert cfg.canvas_from == 0.6
+    seen, collate = [], dqn.collate
+
+    def recording(slices, *a, **kw):
+        seen.append([tuple(s.tokens) for s in slices])
+        return collate(slices, *a, **kw)
+    monkeypatch.setattr(dqn, "collate", recording)
+    run = train.train(cfg)
+    monkeypatch.setattr(dqn, "collate", collate)
+    fmt = policy.trajectory_format(cfg, policy.small_tokenizer(cfg.format))
+
+    def pool(sets):
+        return {tuple(s.tokens) for s in dqn.pack_slices(sets, fmt, cfg.context_len, random.Random(cfg.seed))}
+    origin, offset = pool(data.load_episode_sets(cfg, "train", True)), pool(data.load_episode_sets(cfg, "train"))
+    held = pool(data.load_episode_sets(cfg, "heldout"))
+    assert len(origin - offset) > 5 and len(offset - origin) > 5
+    # the collate calls: 2 held-out (step 0), 2 training per step, 2 held-out after steps 2 and 4
+    kinds = ["held"] * 2 + ["origin"] * 4 + ["held"] * 2 + ["offset"] * 4 + ["held"] * 2
+    assert len(seen) == len(kinds)
+    for kind, (tokens,) in zip(kinds, seen):
+        assert tokens in {"held": held, "origin": origin, "offset": offset}[kind], kind
+    assert sum(tokens not in origin for kind, (tokens,) in zip(kinds, seen) if kind == "offset") > 0
+    assert policy.load_policy(run)[3].canvas
 
 
-def test_canvas_stage_starts_at_a_share_of_the_run(tmp_path):
-    cfg = train.make_config()  # the default: a curriculum, the last fifth of the run on canvas offsets
-    assert (cfg.canvas, cfg.canvas_from, cfg.canvas_first_stage) == (True, 0.6, "origin")
-    assert not train.make_config("smollm2").canvas  # the paper's text has no canvas
-    assert train.canvas_stage_start(cfg, 1250) == 750
-    assert train.canvas_stage_start(cfg, 240) == 144
-    assert train.canvas_stage_start(cfg, 4) == 2  # round(2.4)
-    assert train.canvas_stage_start(cfg, 1) == 0  # one step: no room for a first stage, the step is a canvas step
-    assert train.canvas_stage_start(dataclasses.replace(cfg, canvas_from=0.0), 1250) == 0
-    assert train.canvas_stage_start(dataclasses.replace(cfg, canvas=False), 1250) == 0
-    with pytest.raises(ValueError, match="--canvas-from 1.0 is the share of the steps before the canvas stage"):
-        train.train(tiny(tmp_path, canvas_from=1.0))
-    with pytest.raises(ValueError, match="--online-every with an ordinary first stage"):
-        train.train(tiny(tmp_path, online_every=2, canvas_first_stage="ordinary"))
-    train.check_config(tiny(tmp_path, online_every=2))  # the origin stage: the model plays where it trains
-    train.check_config(tiny(tmp_path, online_every=2, canvas_from=0.0))  # canvas offsets from the start: can play
-    train.check_config(tiny(tmp_path, online_every=2, canvas=False))
+# ---------------------------------------------------------------------------------------------------- benchmark
 
-
-def test_novelty_bonus_reaches_the_td_loss(tmp_path):
-    cfg = tiny(tmp_path, novelty_bonus=2.0)
-    tok = train.small_tokenizer(cfg.format)
-    fmt = dqn.TrajectoryFormat.for_tokenizer(tok)
-    model = train.small_model(cfg, tok.n_words, tok.special_tokens)
-    batch = dqn.collate(dqn.pack_slices([[dqn.Episode([0, 1, 2], [2, 2], [0.0, 1.0])]], fmt, 160, random.Random(0)),
-                        fmt.eos[0])
-    ids = torch.tensor(fmt.action_ids)
-    q = dqn.q_values(model, batch["tokens"], batch["q_positions"], ids)
-    for bonus in (0.0, 2.0):
-        loss, _ = train.td_loss_on(batch, model, None, model, None, ids, dataclasses.replace(cfg, novelty_bonus=bonus),
-                                   contextlib.nullcontext)
-        targets = dqn.monte_carlo_targets(batch, cfg.gamma, cfg.reward_scale, bonus)
-        torch.testing.assert_close(loss, dqn.td_loss(q, targets, batch))
-    assert targets.tolist()[0] == pytest.approx([30 * 0.9 + 2 * 1.9, 30 + 2])  # states 1 and 2 are both new
-
-
-# ----------------------------------------------------------------------------------------------------------- benchmark
 def test_bench_train_times_the_same_step_on_both_sides(tmp_path):
     """benchmarks/bench_train.py: on its random batch (the cpu preset's vocabulary, the compact format's Q spacing)
     our Q-values equal transformers' on the same weights, so both timed steps compute one thing; the paper's step
-    and the default's step (optimistic targets, next-token loss, the --ema average) both run and move the weights."""
+    and the default's step (next-token loss, the --ema average) both run and move the weights."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     cfg = tiny(tmp_path, context_len=64, lr=1e-2)
-    tok = train.small_tokenizer(cfg.format)
-    ours = train.small_model(cfg, tok.n_words)
+    tok = policy.small_tokenizer(cfg.format)
+    ours = policy.small_model(cfg, tok.n_words)
     batch = bench.random_batch(cfg, tok.n_words, 2, torch.Generator().manual_seed(0), every=3)
-    ids = torch.tensor(train.trajectory_format(cfg, tok).action_ids)
+    ids = torch.tensor(policy.trajectory_format(cfg, tok).action_ids)
     assert batch["mask"].sum() == 2 * len(range(8, 62, 3))
     with torch.no_grad():
         torch.testing.assert_close(dqn.q_values(ours, batch["tokens"], batch["q_positions"], ids),
@@ -484,5 +657,6 @@ def test_bench_train_times_the_same_step_on_both_sides(tmp_path):
     moved = ours.state_dict()[w] - start[w]
     assert moved.abs().max() > 1e-3  # AdamW's first step moves each weight by about lr
     torch.testing.assert_close(ema.state_dict()[w] - start[w], (1 - cfg.ema) * moved)  # θ̄ ← d·θ̄ + (1−d)·θ
+    torch.testing.assert_close(target.state_dict()[w] - start[w], cfg.alpha * moved)  # Eq. 8
     bench.our_step(ours, None, target, None, opt, batch, ids, cfg)  # the paper's double-DQN step
     assert not torch.equal(ours.state_dict()[w], start[w] + moved)
