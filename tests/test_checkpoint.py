@@ -162,7 +162,7 @@ def test_an_lr_that_overflows_adamw_itself_stops_in_one_line(tmp_path):
         train.main(argv(cfg))
     message = str(e.value.code)
     assert message.startswith("train.py: error: the update of step 1 overflowed (lr 1e+38") and "\n" not in message
-    assert "No checkpoint yet" in message and steps_in(Path(cfg.out)) == []
+    assert "No checkpoint yet" in message and not list(Path(cfg.out).glob("checkpoints/step_*"))
 
 
 def test_an_update_that_leaves_the_weights_non_finite_is_never_saved(tmp_path, monkeypatch):
