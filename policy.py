@@ -16,6 +16,7 @@ import compact
 import dqn
 import ia3
 import llama
+import llama_tokenizer
 
 
 def base_model_dir(cfg) -> Path:
@@ -31,15 +32,15 @@ def base_model_dir(cfg) -> Path:
                                 f"--model-dir with an HF LLaMA checkpoint dir)") from e
 
 
-def small_tokenizer(fmt: str = "paper") -> llama.Tokenizer:
+def small_tokenizer(fmt: str = "paper") -> llama_tokenizer.Tokenizer:
     """Bytes plus merges that make every text piece of the format (dqn.FORMAT_TEXTS) one token, and the Llama 3
     special-token names; "compact" adds compact.COMPACT_SPECIALS. So `--format paper` writes the paper's text."""
     ranks = {bytes([b]): b for b in range(256)}
     for text in dqn.FORMAT_TEXTS:
         for k in range(2, len(text) + 1):
             ranks.setdefault(text[:k].encode(), len(ranks))
-    specials = llama.LLAMA3_SPECIALS + (compact.COMPACT_SPECIALS if fmt == "compact" else [])
-    return llama.Tokenizer.from_ranks(ranks, llama.LLAMA3_PATTERN, specials)
+    specials = llama_tokenizer.LLAMA3_SPECIALS + (compact.COMPACT_SPECIALS if fmt == "compact" else [])
+    return llama_tokenizer.Tokenizer.from_ranks(ranks, llama_tokenizer.LLAMA3_PATTERN, specials)
 
 
 def small_model(cfg, vocab_size: int, specials: dict | None = None) -> llama.Transformer:
@@ -75,13 +76,13 @@ def build_policy(cfg, device, ckpt: Path | None = None):
             tokenizer = small_tokenizer(cfg.format)
             model = small_model(cfg, tokenizer.n_words, tokenizer.special_tokens)
         else:
-            tokenizer, model = llama.Tokenizer(ckpt / "model"), llama.load(ckpt / "model")
+            tokenizer, model = llama_tokenizer.Tokenizer(ckpt / "model"), llama.load(ckpt / "model")
         target = copy.deepcopy(model) if ckpt is None else llama.load(ckpt / "target")
         return (model.to(device).train().requires_grad_(True), None,
                 target.to(device).eval().requires_grad_(False), None, tokenizer)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     base = llama.load(base_model_dir(cfg), device=device, dtype=dtype)  # frozen, shared by online and target
-    tokenizer = llama.Tokenizer(base_model_dir(cfg))
+    tokenizer = llama_tokenizer.Tokenizer(base_model_dir(cfg))
     if ckpt is None:
         adapter = ia3.IA3(base)
         return base, adapter, base, adapter.copy(), tokenizer
@@ -103,7 +104,7 @@ def identity(cfg, model, tokenizer) -> dict:
         return {}
     base = base_model_dir(cfg)
     return {"base_model": {"config_sha256": checkpoint.file_hash(base / "config.json"),
-                           "tokenizer_sha256": checkpoint.file_hash(llama._find_tokenizer_file(base)),
+                           "tokenizer_sha256": checkpoint.file_hash(llama_tokenizer._find_tokenizer_file(base)),
                            "weights": checkpoint.weights_fingerprint(model)}}
 
 

@@ -10,6 +10,7 @@ import compact
 import dqn
 import ia3
 import llama
+import llama_tokenizer
 import policy
 from dqn import Episode
 
@@ -28,7 +29,7 @@ TRUNCATED_TEXT = ("<|begin_of_text|>" + H("observation", 8) + H("action", "left"
 
 @pytest.fixture(scope="module")
 def llama3_tok(llama3_tokenizer_path):
-    return llama.Tokenizer(llama3_tokenizer_path)
+    return llama_tokenizer.Tokenizer(llama3_tokenizer_path)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def tiny_tokenizer(words=dqn.ACTION_WORDS):
         for i in range(2, len(w) + 1):
             ranks.setdefault(w[:i].encode(), len(ranks))
     specials = list(dqn.LLAMA3_FORMAT_SPECIALS) + ["<|eom_id|>"]
-    return llama.Tokenizer.from_ranks(ranks, llama.LLAMA3_PATTERN, specials)
+    return llama_tokenizer.Tokenizer.from_ranks(ranks, llama_tokenizer.LLAMA3_PATTERN, specials)
 
 
 def tiny_model(vocab_size, seed=0):
@@ -88,7 +89,7 @@ def test_reward_text_rounded_to_two_decimals(llama3_tok, llama3_fmt):
 
 
 def test_chatml_mapping_for_smollm2(smollm2_dir):
-    tok = llama.Tokenizer(smollm2_dir)
+    tok = llama_tokenizer.Tokenizer(smollm2_dir)
     fmt = dqn.TrajectoryFormat.for_tokenizer(tok)
     tokens, q_positions = dqn.tokenize_episode(TRUNCATED, fmt)
     assert tok.decode(tokens) == ("<|im_start|>observation\n8<|im_end|><|im_start|>action\nleft<|im_end|>"
@@ -124,8 +125,8 @@ def test_bad_input_errors(llama3_fmt):
     with pytest.raises(ValueError, match="truncated"):
         dqn.tokenize_episode(Episode([8, 9], [RIGHT], [1.0], True), llama3_fmt)
     with pytest.raises(ValueError, match="special tokens"):
-        dqn.TrajectoryFormat.for_tokenizer(llama.Tokenizer.from_ranks({bytes([b]): b for b in range(256)},
-                                                                       llama.LLAMA3_PATTERN, ["<|x|>"]))
+        dqn.TrajectoryFormat.for_tokenizer(llama_tokenizer.Tokenizer.from_ranks({bytes([b]): b for b in range(256)},
+                                                                       llama_tokenizer.LLAMA3_PATTERN, ["<|x|>"]))
     with pytest.raises(TypeError, match="sets"):
         dqn.pack_slices([SUCCESS, TRUNCATED], llama3_fmt, 4096, random.Random(0))
 

@@ -6,6 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import llama
+import llama_tokenizer
 
 ROPE3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
          "original_max_position_embeddings": 64}  # small original context so all three RoPE bands occur at D = 16
@@ -360,7 +361,7 @@ def test_error_corrupt_or_truncated(tmp_path, damage):
 def test_smollm2_matches_transformers(smollm2_dir):
     import gguf_to_hf
     model = llama.load(smollm2_dir)
-    tok = llama.Tokenizer(smollm2_dir)
+    tok = llama_tokenizer.Tokenizer(smollm2_dir)
     tokens = torch.tensor([tok.encode("The capital of France is Paris, and the capital of Germany is")])
     with torch.no_grad():
         ours = model(tokens)
@@ -374,7 +375,7 @@ def test_smollm2_matches_transformers(smollm2_dir):
 
 @pytest.mark.slow
 def test_smollm2_greedy_says_paris(smollm2_dir):
-    model, tok = llama.load(smollm2_dir), llama.Tokenizer(smollm2_dir)
+    model, tok = llama.load(smollm2_dir), llama_tokenizer.Tokenizer(smollm2_dir)
     text = llama.generate(model, tok, "The capital of France is", max_new_tokens=8)
     assert "Paris" in text
     # nucleus sampling with top_p → 0 keeps only the most likely token: greedy again

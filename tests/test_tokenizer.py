@@ -1,11 +1,11 @@
-"""llama.Tokenizer: Meta's Llama 3 file against its published test vectors, sentencepiece against sentencepiece itself,
+"""llama_tokenizer.Tokenizer: Meta's Llama 3 file against its published test vectors, sentencepiece against sentencepiece itself,
 the converted SmolLM2 vocabulary against the `tokenizers` library (transformers' fast tokenizer)."""
 import random
 import shutil
 
 import pytest
 
-import llama
+import llama_tokenizer
 
 SPECIAL_IDS = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|start_header_id|>": 128006,
                "<|end_header_id|>": 128007, "<|eom_id|>": 128008, "<|eot_id|>": 128009}
@@ -13,7 +13,7 @@ SPECIAL_IDS = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|start_
 
 @pytest.fixture(scope="module")
 def tok(llama3_tokenizer_path):
-    return llama.Tokenizer(llama3_tokenizer_path)
+    return llama_tokenizer.Tokenizer(llama3_tokenizer_path)
 
 
 def test_reference_vectors(tok):
@@ -77,16 +77,16 @@ def test_found_in_checkpoint_dirs(tmp_path, llama3_tokenizer_path, tok):
     (tmp_path / "b" / "original").mkdir(parents=True)
     shutil.copy(llama3_tokenizer_path, tmp_path / "b" / "original" / "tokenizer.model")
     for d in ("a", "b"):
-        assert llama.Tokenizer(tmp_path / d).encode("Hello, world!") == [9906, 11, 1917, 0]
+        assert llama_tokenizer.Tokenizer(tmp_path / d).encode("Hello, world!") == [9906, 11, 1917, 0]
     with pytest.raises(FileNotFoundError, match="no tokenizer.model or original/tokenizer.model"):
-        llama.Tokenizer(tmp_path)
+        llama_tokenizer.Tokenizer(tmp_path)
     with pytest.raises(FileNotFoundError, match="not found"):
-        llama.Tokenizer(tmp_path / "nope.model")
+        llama_tokenizer.Tokenizer(tmp_path / "nope.model")
 
 
 def test_save_round_trip(tmp_path, tok):
     tok.save(tmp_path)
-    again = llama.Tokenizer(tmp_path)
+    again = llama_tokenizer.Tokenizer(tmp_path)
     text = "<|begin_of_text|>Some text, 1234 — ünïcode 🙂"
     assert again.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
     assert again.special_tokens == tok.special_tokens and again.stop_ids == tok.stop_ids
@@ -97,13 +97,13 @@ def test_from_ranks_small_vocabulary(tmp_path):
     for word in (b"ab", b"abc", b" ab"):
         ranks[word] = len(ranks)
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
-    small = llama.Tokenizer.from_ranks(ranks, llama.LLAMA3_PATTERN, specials)
+    small = llama_tokenizer.Tokenizer.from_ranks(ranks, llama_tokenizer.LLAMA3_PATTERN, specials)
     assert small.special_tokens == {"<|begin_of_text|>": 259, "<|end_of_text|>": 260, "<|eot_id|>": 261}
     assert (small.bos_id, small.eos_id, small.n_words) == (259, 260, 262)
     assert small.encode("abc ab", bos=True) == [259, 257, 258]
     assert small.encode("<|eot_id|>", allowed_special="all") == [261]
     small.save(tmp_path)
-    again = llama.Tokenizer(tmp_path / "tokenizer.model")
+    again = llama_tokenizer.Tokenizer(tmp_path / "tokenizer.model")
     assert again.encode("abc ab<|eot_id|>", bos=True, allowed_special="all") == [259, 257, 258, 261]
     assert again.decode(again.encode("zz abcab")) == "zz abcab"
 
@@ -119,7 +119,7 @@ def test_sentencepiece_model_trained_here(tmp_path):
                                    minloglevel=2)
     (tmp_path / "ckpt").mkdir()
     shutil.copy(tmp_path / "sp.model", tmp_path / "ckpt" / "tokenizer.model")
-    tok = llama.Tokenizer(tmp_path / "ckpt")
+    tok = llama_tokenizer.Tokenizer(tmp_path / "ckpt")
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
     text = "the agent reached the goal, ünseen wörds 🙂"
     assert tok.encode(text, bos=True, eos=True) == [1] + sp.encode(text) + [2]
@@ -127,7 +127,7 @@ def test_sentencepiece_model_trained_here(tmp_path):
     for s in [text, "left left up", "42 holes"]:
         assert tok.decode(tok.encode(s)) == s
     tok.save(tmp_path / "saved")
-    assert llama.Tokenizer(tmp_path / "saved").encode(text) == sp.encode(text)
+    assert llama_tokenizer.Tokenizer(tmp_path / "saved").encode(text) == sp.encode(text)
 
 
 SMOL_TEXTS = ["The capital of France is", "Hello world 12345", "  a  1 b\n\n\t 22x", "it's   we'll 3.14159",
@@ -138,7 +138,7 @@ SMOL_TEXTS = ["The capital of France is", "Hello world 12345", "  a  1 b\n\n\t 2
 def test_smollm2_tokenizer_matches_hf(smollm2_dir):
     from transformers import AutoTokenizer
     hf = AutoTokenizer.from_pretrained(smollm2_dir)  # the `tokenizers` library's BPE with SmolLM2's pre-tokenizer
-    tok = llama.Tokenizer(smollm2_dir)
+    tok = llama_tokenizer.Tokenizer(smollm2_dir)
     rng = random.Random(0)
     alphabet = list("ab 1 2\n\t'sx.,;!?é世🙂\u00a0٣²Ⅻ-_") + ["'ll", "  ", "123"]
     texts = SMOL_TEXTS + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(1500)]
