@@ -13,6 +13,7 @@ is not finite is ever saved. The newest KEEP checkpoints by step number are kept
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 import warnings
@@ -105,7 +106,9 @@ def save(run_dir: Path, step: int, config: dict, write_weights, optimizer, train
         llama.atomic_write_text(tmp / "train_config.json", json.dumps(config, indent=1))
         write_weights(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(trainer_state, tmp / "trainer_state.pt")
+        rng = {"python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
+               "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        torch.save({**trainer_state, **rng}, tmp / "trainer_state.pt")
         files = {str(p.relative_to(tmp)): file_hash(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         llama.atomic_write_text(tmp / "manifest.json", json.dumps({"step": step, "files": files, **identity},
                                                                   indent=1))
@@ -118,6 +121,17 @@ def save(run_dir: Path, step: int, config: dict, write_weights, optimizer, train
     for old in checkpoints(run_dir)[KEEP:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def restore(ckpt: Path, optimizer, device) -> dict:
+    """The optimizer's state and the RNGs as saved; returns the trainer state (step, online rounds, ...)."""
+    optimizer.load_state_dict(read_torch(ckpt / "optimizer.pt", map_location=device))
+    state = read_torch(ckpt / "trainer_state.pt", weights_only=False)
+    random.setstate(state["python_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state
 
 
 def verify(ckpt: Path, needed: list[str]) -> dict:

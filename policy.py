@@ -91,6 +91,21 @@ def build_policy(cfg, device, ckpt: Path | None = None):
     return base, adapter, base, target, tokenizer
 
 
+def save_weights(cfg, model, adapter, target, target_adapter, ema, tokenizer, out: Path):
+    """The policy's directories in a checkpoint: model/ (with its tokenizer), target/, ema/ for the cpu preset;
+    adapter/, target_adapter/, ema_adapter/ (PEFT's format) on the shared base for the IA3 presets."""
+    if adapter is None:
+        llama.save(model, out / "model"), tokenizer.save(out / "model"), llama.save(target, out / "target")
+        if ema is not None:
+            llama.save(ema, out / "ema")
+        return
+    base = str(base_model_dir(cfg))
+    adapter.save_pretrained(out / "adapter", base_model_name_or_path=base)
+    target_adapter.save_pretrained(out / "target_adapter")
+    if ema is not None:
+        ema.save_pretrained(out / "ema_adapter", base_model_name_or_path=base)
+
+
 def trajectory_format(cfg, tokenizer) -> "dqn.TrajectoryFormat | compact.CompactFormat":
     if cfg.format == "compact":
         return compact.CompactFormat(tokenizer.special_tokens, canvas=cfg.canvas, facts=cfg.facts_tokens)
@@ -106,6 +121,18 @@ def identity(cfg, model, tokenizer) -> dict:
     return {"base_model": {"config_sha256": checkpoint.file_hash(base / "config.json"),
                            "tokenizer_sha256": checkpoint.file_hash(llama_tokenizer._find_tokenizer_file(base)),
                            "weights": checkpoint.weights_fingerprint(model)}}
+
+
+def check_same_model(cfg, ckpt: Path, model, tokenizer, fields):
+    """--resume: the checkpoint must be of the same model (these config fields) and, for IA3, the same base."""
+    saved = saved_config(ckpt)
+    diff = [f"{k}: {getattr(saved, k, None)!r} there, {getattr(cfg, k)!r} now" for k in fields
+            if getattr(saved, k, None) != getattr(cfg, k)]
+    if diff:
+        raise ValueError(f"--resume: {ckpt} is another model ({'; '.join(diff)}): use its settings")
+    if checkpoint.read_json(ckpt / "manifest.json").get("base_model") not in (
+            None, identity(cfg, model, tokenizer).get("base_model")):
+        raise ValueError(f"--resume: {ckpt} was trained on another base model; give its --model-dir")
 
 
 def saved_config(ckpt: Path) -> SimpleNamespace:

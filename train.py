@@ -10,16 +10,12 @@ The paper's recipe (arXiv 2501.14176, §3), top to bottom:
 3. A run dir (checkpoint.py): atomic checkpoints, exact `--resume`, Ctrl-C / SIGTERM save and exit.
 4. `torchrun --nproc_per_node N train.py ...`: data parallel, each rank takes its share of a step's slices.
 
-Presets: `smollm2` (SmolLM2-135M + IA3) and `llama3.1-8b` (Llama-3.1-8B-Instruct + IA3) are the paper's recipe.
-`cpu` (the default) trains a small LLaMA from random init on 2 CPU cores in minutes; where it differs from the
-paper (each measured in the README, "Deviations"): all weights are trained (IA3 only rescales a model that already
-computes something), a compact format with hindsight recaps, facts tokens and canvas states (compact.CompactFormat),
-sets with failed episodes 5x more likely (--quality low), an auxiliary next-token loss (--aux-lm), gradient
-clipping, α 0.01, the moving average of the weights as the played policy (--ema) and online rounds on its own
-episodes (--online-every, the paper's §4.6 proposal).
+Presets: `smollm2` and `llama3.1-8b` (IA3 on a pretrained LLaMA) are the paper's recipe; `cpu` (the default) trains
+a small LLaMA from random init on 2 CPU cores, with the deviations listed (and measured) in the README.
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -235,16 +231,9 @@ def train(cfg: TrainConfig) -> Path:
     if world > 1:
         dist.barrier()
     resume_from = checkpoint.resume_point(run_dir, policy.needed_files(cfg)) if cfg.resume else None
-    if resume_from is not None:
-        saved = policy.saved_config(resume_from)
-        diff = [f"{k}: {getattr(saved, k, None)!r} there, {getattr(cfg, k)!r} now" for k in MODEL_FIELDS
-                if getattr(saved, k, None) != getattr(cfg, k)]
-        if diff:
-            raise ValueError(f"--resume: {resume_from} is another model ({'; '.join(diff)}): use its settings")
     model, adapter, target, target_adapter, tokenizer = policy.build_policy(cfg, device, resume_from)
-    if resume_from is not None and checkpoint.read_json(resume_from / "manifest.json").get("base_model") not in (
-            None, policy.identity(cfg, model, tokenizer).get("base_model")):
-        raise ValueError(f"--resume: {resume_from} was trained on another base model; give its --model-dir")
+    if resume_from is not None:
+        policy.check_same_model(cfg, resume_from, model, tokenizer, MODEL_FIELDS)
     fmt = policy.trajectory_format(cfg, tokenizer)
     pad_id = fmt.eos[0]  # right padding: causal attention keeps real tokens from seeing it
     action_ids = torch.tensor(fmt.action_ids, device=device)
@@ -269,14 +258,9 @@ def train(cfg: TrainConfig) -> Path:
     ema = policy.ema_weights(model, adapter, resume_from, device) if cfg.ema else None
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     step, online_sets = 0, []  # online_sets: per kept round (step, its episode sets), newest last
-    if resume_from is not None:
-        optimizer.load_state_dict(checkpoint.read_torch(resume_from / "optimizer.pt", map_location=device))
-        state = checkpoint.read_torch(resume_from / "trainer_state.pt", weights_only=False)
+    if resume_from is not None:  # the optimizer, the RNGs, the step and the online rounds, as they were saved
+        state = checkpoint.restore(resume_from, optimizer, device)
         step, online_sets = state["step"], state["online_sets"]
-        random.setstate(state["python_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
     on_cuda = device.type == "cuda"
     model.gradient_checkpointing = on_cuda
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else contextlib.nullcontext
@@ -315,21 +299,8 @@ def train(cfg: TrainConfig) -> Path:
             if not checkpoint.all_finite([adapter or model, target_adapter or target, ema]):
                 raise FloatingPointError(f"weights are not finite at step {step}; not saved. {last_good()}")
 
-            def write_weights(tmp):
-                if adapter is None:
-                    llama.save(model, tmp / "model"), tokenizer.save(tmp / "model"), llama.save(target, tmp / "target")
-                    if ema is not None:
-                        llama.save(ema, tmp / "ema")
-                else:
-                    base = str(policy.base_model_dir(cfg))
-                    adapter.save_pretrained(tmp / "adapter", base_model_name_or_path=base)
-                    target_adapter.save_pretrained(tmp / "target_adapter")
-                    if ema is not None:
-                        ema.save_pretrained(tmp / "ema_adapter", base_model_name_or_path=base)
-            state = {"step": step, "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
-                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                     "online_sets": online_sets}
-            checkpoint.save(run_dir, step, asdict(cfg), write_weights, optimizer, state,
+            write = functools.partial(policy.save_weights, cfg, model, adapter, target, target_adapter, ema, tokenizer)
+            checkpoint.save(run_dir, step, asdict(cfg), write, optimizer, {"step": step, "online_sets": online_sets},
                             policy.identity(cfg, model, tokenizer))
         if world > 1:
             dist.barrier()
