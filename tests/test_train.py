@@ -31,14 +31,14 @@ import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_LEARNER = dict(qlearn_runs=1, qlearn_episodes=24, set_min=4, set_max=8)  # one 24-episode run, sets of 4-8
-DATA = None  # the episode cache shared by the tests of a session (keyed by its data config, so sharing is safe)
+DATA = None  # the episode cache shared by the tests of one pytest run (keyed by its data config, so sharing is safe)
 
 pytestmark = pytest.mark.filterwarnings("ignore:pack_slices dropped")  # 160-token slices drop long episodes
 
 
 @pytest.fixture(autouse=True)
 def small_data(monkeypatch, tmp_path_factory):
-    """The Q-learner's data shrunk (data.LEARNER) and one data dir for the session's tests."""
+    """The Q-learner's data shrunk (data.LEARNER) and one data dir for the tests of one pytest run."""
     for key, value in SMALL_LEARNER.items():
         monkeypatch.setitem(data.LEARNER, key, value)
     monkeypatch.setattr(sys.modules[__name__], "DATA", tmp_path_factory.getbasetemp() / "data")
