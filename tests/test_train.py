@@ -660,3 +660,15 @@ def test_bench_train_times_the_same_step_on_both_sides(tmp_path):
     torch.testing.assert_close(target.state_dict()[w] - start[w], cfg.alpha * moved)  # Eq. 8
     bench.our_step(ours, None, target, None, opt, batch, ids, cfg)  # the paper's double-DQN step
     assert not torch.equal(ours.state_dict()[w], start[w] + moved)
+
+
+def test_resolve_device_gives_a_bare_cuda_this_ranks_index(monkeypatch):
+    """`--device cuda` must name a GPU (torch.cuda.set_device refuses a device without an index): this rank's."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert train.resolve_device(train.make_config(device="cuda")) == torch.device("cuda", 1)
+    assert train.resolve_device(train.make_config(device="cuda:3")) == torch.device("cuda", 3)
+    assert train.resolve_device(train.make_config(device="cpu")) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train.resolve_device(train.make_config(device="auto")) == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train.resolve_device(train.make_config(device="auto")) == torch.device("cpu")
