@@ -244,15 +244,6 @@ def check_config(cfg, model_given=False):
         raise ValueError("give --run RUN_DIR (a train.py output dir or checkpoint dir) or --baselines-only")
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto: the first CUDA device when there is one, else the CPU (as train.py)."""
-    if name == "auto":
-        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None \
-        else device
-
-
 def map_batch_size(model, context: int, n_maps: int, device) -> int:
     """Maps per group: all of them on the CPU; on CUDA as many as 80% of the free memory holds, counting each row's
     KV cache (rollout.cache_bytes) and a prefill's activations (a row of `context` tokens: ~16 x its KV bytes)."""
@@ -284,7 +275,7 @@ def evaluate(cfg, policy_model=None):
     names = EXPERIMENTS if cfg.experiment == "all" else (cfg.experiment,)
     n_train_maps = 250  # the paper's training maps, unless the run was trained on more
     if policy_model is None and not cfg.baselines_only:
-        device = resolve_device(cfg.device)
+        device = policy.resolve_device(cfg.device)
         n_train_maps = max(n_train_maps, policy.saved_config(policy.checkpoint_dir(cfg.run)).n_maps)
         model, adapter, _, fmt = policy.load_policy(cfg.run, device=device, averaged=not cfg.online_weights)
         if cfg.context and cfg.context > model.args.max_seq_len:

@@ -6,6 +6,7 @@ the compact format's tokens), so `--format paper` writes the paper's text token 
 frozen base between the online adapter, the target adapter and the weight average.
 """
 import copy
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +18,16 @@ import dqn
 import ia3
 import llama
 import llama_tokenizer
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: this rank's GPU when there is one, else the CPU; a bare `cuda` is this rank's GPU too (torchrun's
+    LOCAL_RANK, 0 outside it): torch.cuda.set_device refuses a device without an index."""
+    rank_gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if name == "auto":
+        return rank_gpu if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    return rank_gpu if device.type == "cuda" and device.index is None else device
 
 
 def base_model_dir(cfg) -> Path:
@@ -123,7 +134,7 @@ def identity(cfg, model, tokenizer) -> dict:
                            "weights": checkpoint.weights_fingerprint(model)}}
 
 
-def check_same_model(cfg, ckpt: Path, model, tokenizer, fields):
+def check_same_model(cfg, ckpt: Path, identity_now: dict, fields):
     """--resume: the checkpoint must be of the same model (these config fields) and, for IA3, the same base."""
     saved = saved_config(ckpt)
     diff = [f"{k}: {getattr(saved, k, None)!r} there, {getattr(cfg, k)!r} now" for k in fields
@@ -131,7 +142,7 @@ def check_same_model(cfg, ckpt: Path, model, tokenizer, fields):
     if diff:
         raise ValueError(f"--resume: {ckpt} is another model ({'; '.join(diff)}): use its settings")
     if checkpoint.read_json(ckpt / "manifest.json").get("base_model") not in (
-            None, identity(cfg, model, tokenizer).get("base_model")):
+            None, identity_now.get("base_model")):
         raise ValueError(f"--resume: {ckpt} was trained on another base model; give its --model-dir")
 
 

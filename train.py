@@ -179,15 +179,6 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else cfg.lr
 
 
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    """auto: this rank's GPU when there is one, else the CPU; a bare `cuda` is this rank's GPU too."""
-    rank_gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if cfg.device == "auto":
-        return rank_gpu if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(cfg.device)
-    return rank_gpu if device.type == "cuda" and device.index is None else device
-
-
 def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, autocast):
     """Eq. 6-7 on one collated batch -> (TD loss, next-token loss or None). With --aux-lm one forward gives the
     logits at every position, and the Q-values are read from them."""
@@ -219,7 +210,7 @@ def train(cfg: TrainConfig) -> Path:
     check_config(cfg)
     run_dir = Path(cfg.out or f"runs/{cfg.preset}")
     world = int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(cfg)
+    device = policy.resolve_device(cfg.device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if world > 1 else 0
@@ -232,18 +223,19 @@ def train(cfg: TrainConfig) -> Path:
         dist.barrier()
     resume_from = checkpoint.resume_point(run_dir, policy.needed_files(cfg)) if cfg.resume else None
     model, adapter, target, target_adapter, tokenizer = policy.build_policy(cfg, device, resume_from)
+    identity = policy.identity(cfg, model, tokenizer)  # what every checkpoint records (IA3: the base model)
     if resume_from is not None:
-        policy.check_same_model(cfg, resume_from, model, tokenizer, MODEL_FIELDS)
+        policy.check_same_model(cfg, resume_from, identity, MODEL_FIELDS)
     fmt = policy.trajectory_format(cfg, tokenizer)
     pad_id = fmt.eos[0]  # right padding: causal attention keeps real tokens from seeing it
     action_ids = torch.tensor(fmt.action_ids, device=device)
 
-    def packed(canvas_origin):  # (training slices, this rank's held-out slices)
+    def packed(canvas_origin):  # (training slices, this rank's held-out slices): held-out sets sit at the origin
         train_sets = data.load_episode_sets(cfg, "train", canvas_origin)
-        heldout = dqn.pack_slices(data.load_episode_sets(cfg, "heldout"), fmt, cfg.context_len, random.Random(cfg.seed))
-        return (dqn.pack_slices(train_sets, fmt, cfg.context_len, random.Random(cfg.seed)),
-                heldout[:cfg.eval_slices][rank::world])
-    slices, heldout = packed(False)
+        return dqn.pack_slices(train_sets, fmt, cfg.context_len, random.Random(cfg.seed)), heldout
+    heldout = dqn.pack_slices(data.load_episode_sets(cfg, "heldout"), fmt, cfg.context_len,
+                              random.Random(cfg.seed))[:cfg.eval_slices][rank::world]
+    slices, _ = packed(False)
     total_steps = cfg.steps or max(1, int(cfg.epochs * len(slices) // cfg.slices_per_step))
     # the canvas curriculum: the first --canvas-from of the steps with every set at the canvas origin
     canvas_start = min(round(cfg.canvas_from * total_steps), total_steps - 1) if cfg.canvas and cfg.canvas_from else 0
@@ -301,7 +293,7 @@ def train(cfg: TrainConfig) -> Path:
 
             write = functools.partial(policy.save_weights, cfg, model, adapter, target, target_adapter, ema, tokenizer)
             checkpoint.save(run_dir, step, asdict(cfg), write, optimizer, {"step": step, "online_sets": online_sets},
-                            policy.identity(cfg, model, tokenizer))
+                            identity)
         if world > 1:
             dist.barrier()
         return run_dir / "checkpoints" / f"step_{step:06d}"

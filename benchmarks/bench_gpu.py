@@ -273,7 +273,7 @@ def main(argv=None):
         p.error("give --model-dir DIR or --random-init")
     if min(a.steps, a.decode_tokens, a.decode_context) < 1 or a.warmup < 0:
         p.error("--steps, --decode-tokens and --decode-context must be at least 1, --warmup at least 0")
-    device = train.resolve_device(train.make_config("cpu", device=a.device))
+    device = policy.resolve_device(a.device)
     torch.manual_seed(0)
     cfg, model, adapter, target_adapter, action_ids, pad_id, slices, source = build(a, device)
     on_cuda = device.type == "cuda"

@@ -483,10 +483,10 @@ def test_device_and_kv_cache_size():
     """--device auto: the first CUDA device where there is one, else the CPU; an explicit cpu stays. The KV-cache
     estimate is the bytes ModelPolicy allocates, and on the CPU every map plays in one group."""
     cuda = torch.cuda.is_available()
-    assert evaluate.resolve_device("auto") == (torch.device("cuda", 0) if cuda else torch.device("cpu"))
-    assert evaluate.resolve_device("cpu") == torch.device("cpu")
+    assert policy.resolve_device("auto") == (torch.device("cuda", 0) if cuda else torch.device("cpu"))
+    assert policy.resolve_device("cpu") == torch.device("cpu")
     if cuda:
-        assert evaluate.resolve_device("cuda") == torch.device("cuda", torch.cuda.current_device())
+        assert policy.resolve_device("cuda") == torch.device("cuda", torch.cuda.current_device())
     model, fmt = tiny_model()
     player = rollout.ModelPolicy(model, fmt, context=200)
     player.reset(3)

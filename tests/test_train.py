@@ -665,10 +665,10 @@ def test_bench_train_times_the_same_step_on_both_sides(tmp_path):
 def test_resolve_device_gives_a_bare_cuda_this_ranks_index(monkeypatch):
     """`--device cuda` must name a GPU (torch.cuda.set_device refuses a device without an index): this rank's."""
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert train.resolve_device(train.make_config(device="cuda")) == torch.device("cuda", 1)
-    assert train.resolve_device(train.make_config(device="cuda:3")) == torch.device("cuda", 3)
-    assert train.resolve_device(train.make_config(device="cpu")) == torch.device("cpu")
+    assert policy.resolve_device("cuda") == torch.device("cuda", 1)
+    assert policy.resolve_device("cuda:3") == torch.device("cuda", 3)
+    assert policy.resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert train.resolve_device(train.make_config(device="auto")) == torch.device("cuda", 1)
+    assert policy.resolve_device("auto") == torch.device("cuda", 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert train.resolve_device(train.make_config(device="auto")) == torch.device("cpu")
+    assert policy.resolve_device("auto") == torch.device("cpu")
