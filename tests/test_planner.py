@@ -48,26 +48,30 @@ def value_iteration(lake, gamma, untried, sweeps=200):
     return q
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_breadth_first_values_equal_value_iteration(seed):
-    """On the histories of random play on real training maps (holes, walls, goals, truncation), after every step."""
-    rng = random.Random(seed)
-    desc = frozenlake.train_maps()[seed * 7]
-    env, lake = frozenlake.FrozenLake(desc, max_steps=30), planner.ContextModel()
-    untried = [0.9 ** 8, 0.5, 1.0][seed % 3]
-    for _ in range(12):
+def random_play(desc, episodes, seed, max_steps=30):
+    """Uniformly random episodes on a real map: every step as (s, a, s', reward, terminated)."""
+    rng, env = random.Random(seed), frozenlake.FrozenLake(desc, max_steps=max_steps)
+    for _ in range(episodes):
         s, _ = env.reset(seed=rng.randrange(2 ** 31))
         while True:
             a = rng.randrange(4)
             s2, r, terminated, truncated, _ = env.step(a)
-            lake.learn(s, a, s2, terminated, float(r))
-            reference = value_iteration(lake, G, untried)
-            for state in reference:
-                if state not in lake.ends:
-                    assert lake.q(state, G, untried) == pytest.approx(reference[state], abs=1e-9)
+            yield s, a, s2, float(r), terminated
             s = s2
             if terminated or truncated:
                 break
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_breadth_first_values_equal_value_iteration(seed):
+    """On the histories of random play on real training maps (holes, walls, goals, truncation), after every step."""
+    lake, untried = planner.ContextModel(), [0.9 ** 8, 0.5, 1.0][seed % 3]
+    for s, a, s2, r, terminated in random_play(frozenlake.train_maps()[seed * 7], episodes=12, seed=seed):
+        lake.learn(s, a, s2, terminated, r)
+        reference = value_iteration(lake, G, untried)
+        for state in reference:
+            if state not in lake.ends:
+                assert lake.q(state, G, untried) == pytest.approx(reference[state], abs=1e-9)
 
 
 def test_latest_evidence_wins():
@@ -109,20 +113,12 @@ def test_move_facts_by_hand():
 def test_move_facts_agree_with_the_true_lake(seed):
     """After random play on a real training map, every move the context has tried reads as the map says: a dead end
     (1) into a hole or the edge, open (2) onto ice or the goal; every other move untried (0)."""
-    rng = random.Random(seed)
     desc = frozenlake.train_maps()[seed * 11]
     nrow, ncol = len(desc), len(desc[0])
-    env, lake, tried = frozenlake.FrozenLake(desc, max_steps=30), planner.ContextModel(), set()
-    for _ in range(10):
-        s, _ = env.reset(seed=rng.randrange(2 ** 31))
-        while True:
-            a = rng.randrange(4)
-            s2, r, terminated, truncated, _ = env.step(a)
-            lake.learn(s, a, s2, terminated, float(r))
-            tried.add((s, a))
-            s = s2
-            if terminated or truncated:
-                break
+    lake, tried = planner.ContextModel(), set()
+    for s, a, s2, r, terminated in random_play(desc, episodes=10, seed=seed):
+        lake.learn(s, a, s2, terminated, r)
+        tried.add((s, a))
     for s in range(nrow * ncol):
         row, col = divmod(s, ncol)
         for a, (dr, dc) in frozenlake.MOVES.items():
