@@ -1,8 +1,8 @@
-"""A training run on disk: its directory, atomic checkpoints, and resuming from the newest readable one.
+"""A training run on disk: its directory, atomic files and checkpoints, resuming, and stopping on a signal.
 
     RUN/checkpoints/step_NNNNNN/   train_config.json, manifest.json (the step, file hashes, the base model's identity),
-                                   model/ target/ ema/ (cpu preset) or adapter/ target_adapter/ ema_adapter/ (IA3),
-                                   optimizer.pt, trainer_state.pt (step, RNG states, the online rounds' episodes)
+                                   model/ target/ (cpu preset) or adapter/ target_adapter/ (IA3: PEFT's format),
+                                   optimizer.pt, trainer_state.pt (the step, RNG states)
     RUN/latest                     the newest complete checkpoint, relative to RUN
     RUN/metrics.jsonl, RUN/loss.png
 
@@ -10,21 +10,41 @@ A checkpoint is written into a temporary directory and renamed into place, so a 
 new one, never half of one (a temporary directory a kill left behind is removed at the next start). Nothing that
 is not finite is ever saved. The newest KEEP checkpoints by step number are kept.
 """
+import contextlib
 import hashlib
 import json
 import os
 import random
 import shutil
+import signal
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
 import torch
 
-import llama
-
 KEEP = 2  # checkpoints kept per run (the newest by step)
 RUN_FILES = ("checkpoints", "latest", "metrics.jsonl", "loss.png")  # what train.py writes into a run dir
+
+
+def atomic_write(path, write):
+    """write(tmp_path) into a temp file beside `path`, then rename it over `path`: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path, text: str):
+    """`text` into `path` (its folder made if missing), atomically (atomic_write)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 class CheckpointError(ValueError):
@@ -55,10 +75,12 @@ def file_hash(path: Path) -> str:
 
 def weights_fingerprint(model) -> str:
     """A cheap identity of a model's weights: sha256 of its norm weights and the first rows of every matrix (they
-    differ between, e.g., Llama 3.1 8B and 8B-Instruct, whose shapes are the same)."""
+    differ between, e.g., Llama 3.1 8B and 8B-Instruct, whose shapes are the same). The values are hashed rounded to
+    bf16 on the CPU, so the same weights loaded in bf16 on a GPU and in fp32 on a CPU give the same fingerprint."""
     h = hashlib.sha256()
     for name, p in model.named_parameters():
-        h.update(name.encode() + p.detach()[:4].float().cpu().numpy().tobytes())
+        bf16 = p.detach()[:4].cpu().float().to(torch.bfloat16)  # fp32 -> bf16 rounds to nearest even anywhere
+        h.update(name.encode() + bf16.view(torch.int16).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -103,21 +125,21 @@ def save(run_dir: Path, step: int, config: dict, write_weights, optimizer, train
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
     try:
-        llama.atomic_write_text(tmp / "train_config.json", json.dumps(config, indent=1))
+        atomic_write_text(tmp / "train_config.json", json.dumps(config, indent=1))
         write_weights(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         rng = {"python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         torch.save({**trainer_state, **rng}, tmp / "trainer_state.pt")
         files = {str(p.relative_to(tmp)): file_hash(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        llama.atomic_write_text(tmp / "manifest.json", json.dumps({"step": step, "files": files, **identity},
+        atomic_write_text(tmp / "manifest.json", json.dumps({"step": step, "files": files, **identity},
                                                                   indent=1))
         if final.exists():  # the same step saved twice (periodic + final): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    llama.atomic_write_text(run_dir / "latest", str(final.relative_to(run_dir)))
+    atomic_write_text(run_dir / "latest", str(final.relative_to(run_dir)))
     for old in checkpoints(run_dir)[KEEP:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -164,7 +186,39 @@ def resume_point(run_dir: Path, needed: list[str]) -> Path:
             os.replace(ckpt, aside)
             warnings.warn(f"--resume: skipping {ckpt.name}: {e}; moved it to {aside.name}", stacklevel=2)
             continue
-        llama.atomic_write_text(run_dir / "latest", str(ckpt.relative_to(run_dir)))
+        atomic_write_text(run_dir / "latest", str(ckpt.relative_to(run_dir)))
         return ckpt
     raise CheckpointError(f"--resume: no readable checkpoint in {run_dir} (see the warnings above); start a new run "
                           f"with another --out")
+
+
+class StopRequests:
+    """What stop_requests() yields: the signal received (None if none), and a check every rank agrees on."""
+    received: signal.Signals | None = None
+
+    def requested(self, world: int = 1, device="cpu") -> bool:
+        asked = torch.tensor(float(self.received is not None), device=device)
+        if world > 1:  # every rank stops at the same step boundary
+            torch.distributed.all_reduce(asked, op=torch.distributed.ReduceOp.MAX)
+        return bool(asked.item())
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Ctrl-C or SIGTERM during training is noted, and the loop stops after its step (then saves); a second Ctrl-C
+    interrupts at once: the with block ends there, the weights are those of the last finished step."""
+    stop = StopRequests()
+
+    def on_signal(signum, frame):
+        if stop.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.received = signal.Signals(signum)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
+    try:
+        yield stop
+    except KeyboardInterrupt:
+        stop.received = signal.SIGINT
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -1,23 +1,29 @@
-"""The compact trajectory format: our input-side deviation for the small from-scratch model (cpu preset).
+"""The cpu preset's deviations on the paper's input and loss, for a small model trained from scratch.
 
-The paper writes each step as Llama 3 chat blocks (dqn.TrajectoryFormat, ≈ 100 tokens per episode). A 1M-parameter
-model trained from scratch on 2 CPU cores did not learn to read that text in context, so the cpu preset writes:
-- one token per observation, action and outcome (≈ 31 tokens per episode), and after each finished episode a
-  hindsight recap: one token per distinct (state, action), tagged goal / hole / wall / other (recap_steps). Under
-  causal attention a step cannot see how its own episode ended; the recap puts the outcome one lookup away;
-- with `canvas`, tile (row, col) as state row·8 + col on every map (to_canvas), so larger maps meet trained tokens;
-- with `facts`, after each observation a token naming what the context so far shows about the state's 4 moves
-  (untried, dead end, open: planner.ContextModel.facts); it is the Q position.
-All of it is written from the context alone (no map knowledge), so evaluation writes it the same way.
+The paper writes each step as Llama 3 chat blocks (dqn.TrajectoryFormat, ≈ 100 tokens per episode). The compact
+format writes one token per observation, action and outcome (≈ 31 tokens per episode), and with `recap` after each
+finished episode a hindsight recap: one token per distinct (state, action), tagged goal / hole / wall / other
+(recap_steps), computed from that episode alone. Under causal attention a step cannot see how its own episode ended;
+the recap puts the outcome one lookup away. With `canvas` (to_canvas), tile (row, col) is state row·8 + col on every
+map, so larger maps meet trained tokens. Nothing computed across episodes enters the input.
+
+Two auxiliary training targets (never inputs) ask the model for the lookups its Q-values need: the next token
+(next_token_loss) and what the context shows about each move of the state (facts_loss).
 """
 from dataclasses import dataclass, field
 
+import torch
+import torch.nn.functional as F
+
 import dqn
+import planner
 
 RECAP_TAGS = ("goal", "hole", "wall", "other")  # priority order when one (s, a) gets several tags in an episode
+FACTS = ("untried", "dead_end", "open")  # what a context shows about a move (planner.ContextModel.facts: 0, 1, 2)
 COMPACT_SPECIALS = ([f"<|obs_{s}|>" for s in range(64)] + [f"<|act_{w}|>" for w in dqn.ACTION_WORDS]
                     + ["<|goal|>", "<|truncated|>"]
-                    + [f"<|recap_{s}_{w}_{tag}|>" for s in range(64) for w in dqn.ACTION_WORDS for tag in RECAP_TAGS])
+                    + [f"<|recap_{s}_{w}_{tag}|>" for s in range(64) for w in dqn.ACTION_WORDS for tag in RECAP_TAGS]
+                    + [f"<|fact_{w}_{f}|>" for w in dqn.ACTION_WORDS for f in FACTS])  # output rows, never input
 
 
 def recap_steps(ep: dqn.Episode) -> list[tuple[int, int, str]]:
@@ -46,13 +52,14 @@ def recap_steps(ep: dqn.Episode) -> list[tuple[int, int, str]]:
 class CompactFormat:
     """<|begin_of_text|> <|obs_8|> <|act_right|> <|obs_9|> ... <|obs_15|> <|goal|> <|end_of_text|> recap...
 
-    Q position: the observation token (with facts=True: the facts token after it). <|goal|> follows a rewarded step,
-    <|truncated|> an episode cut by the step limit; a hole is the last observation with neither. The recap is one
-    token <|recap_S_W_TAG|> per distinct (s, a) (recap_steps): the episode's outcome one attention lookup away."""
+    Q position: the observation token. <|goal|> follows a rewarded step, <|truncated|> an episode cut by the step
+    limit; a hole is the last observation with neither. The recap is one token <|recap_S_W_TAG|> per distinct (s, a)
+    (recap_steps): the episode's outcome one attention lookup away. Episodes come with states as written (with
+    `canvas`, to_canvas: data.py places the training sets, rollout.py the played episodes)."""
     ids: dict                                   # special-token name -> id
     style: str = "compact"
-    canvas: bool = False                        # write tile (r, c) as state r·8 + c, any map width (to_canvas)
-    facts: bool = False                         # a facts token (FACT_TOKENS) after each observation: the Q position
+    recap: bool = True                          # a recap after each finished episode
+    canvas: bool = False                        # states are tiles of the 8 x 8 canvas (to_canvas)
     action_ids: list[int] = field(default_factory=list)
     bos: list[int] = field(default_factory=list)
     eos: list[int] = field(default_factory=list)
@@ -72,14 +79,8 @@ class CompactFormat:
     def observation(self, obs: int) -> list[int]:
         return [self._id(f"<|obs_{int(obs)}|>")]
 
-    def action_prompt(self, facts: list[int] | None = None) -> list[int]:
-        """Nothing (the observation token is the Q position), or with facts=True the facts token of the context's
-        facts about the state's 4 moves (planner.ContextModel.facts: 0 untried, 1 dead end, 2 open)."""
-        if not self.facts:
-            return []
-        if facts is None:
-            raise ValueError("a compact format with facts tokens needs the state's facts (planner.ContextModel.facts)")
-        return [self.ids[FACT_TOKENS[facts_index(facts)]]]
+    def action_prompt(self) -> list[int]:  # nothing: the observation token is the Q position
+        return []
 
     def action_word(self, a: int) -> list[int]:
         return [self.action_ids[a]]
@@ -87,22 +88,10 @@ class CompactFormat:
     def reward(self, r: float) -> list[int]:  # Frozen Lake's only non-zero reward is the goal's 1
         return [self.ids["<|goal|>"]]
 
-    def episode_end(self, truncated: bool) -> list[int]:
-        return ([self.ids["<|truncated|>"]] if truncated else []) + self.eos
-
-    def written(self, ep: dqn.Episode) -> dqn.Episode:  # the states as this format writes them
-        return to_canvas(ep) if self.canvas else ep
-
-    def recap(self, ep: dqn.Episode) -> list[int]:
-        return [self._id(f"<|recap_{s}_{dqn.ACTION_WORDS[a]}_{tag}|>") for s, a, tag in recap_steps(ep)]
-
-
-FACT_TOKENS = [f"<|reserved_special_token_{i}|>" for i in range(22, 22 + 81)]  # 3^4 combinations (ids 22+: 10-21 stay unused)
-
-
-def facts_index(facts: list[int]) -> int:
-    """[f_0, f_1, f_2, f_3] (each 0..2) -> 27·f_0 + 9·f_1 + 3·f_2 + f_3, the index into FACT_TOKENS."""
-    return facts[0] * 27 + facts[1] * 9 + facts[2] * 3 + facts[3]
+    def episode_end(self, ep: dqn.Episode) -> list[int]:
+        end = ([self.ids["<|truncated|>"]] if ep.truncated else []) + self.eos
+        return end + ([self._id(f"<|recap_{s}_{dqn.ACTION_WORDS[a]}_{tag}|>") for s, a, tag in recap_steps(ep)]
+                      if self.recap else [])
 
 
 CANVAS = 8  # the canvas is 8 x 8: the largest map the 64 state tokens hold
@@ -124,3 +113,66 @@ def to_canvas(ep: dqn.Episode, row_offset: int = 0, col_offset: int = 0) -> dqn.
     uses all 64 state tokens, so maps wider than the training ones (the ood set) only meet tokens it has learned."""
     states = [canvas_state(s, ep.ncol, row_offset, col_offset) for s in ep.observations]
     return dqn.Episode(states, ep.actions, ep.rewards, ep.truncated, CANVAS)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The auxiliary targets: predictions the model must make from its context (never inputs)
+
+
+def next_token_loss(logits, batch) -> torch.Tensor:
+    """Our auxiliary loss (not the paper's): cross-entropy of the next token at every position except the Q positions,
+    (B, T, V) -> (). It asks the model to predict the next observation from (state, action), the hole or goal that
+    ends an episode, and the recap: all of them answered by looking up earlier steps of the same map in the context,
+    the lookup the Q-values need, with a dense signal instead of one regression target per action."""
+    mask = batch["lm_mask"][:, :-1].to(logits.device)                                      # (B, T-1)
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["tokens"][:, 1:].flatten().to(logits.device),
+                          reduction="none").view(mask.shape)                               # (B, T-1)
+    return (nll * mask).sum() / mask.sum().clamp(min=1)
+
+
+
+def context_facts(tokens: list[int], ids: dict) -> list[list[int]]:
+    """For each action token of a compact slice, what the context before it shows about its state's 4 moves
+    (planner.ContextModel.facts: 0 untried, 1 dead end, 2 open), replayed from the tokens alone: the slice's earlier
+    episodes and the earlier steps of this one. A step is learned when the next token shows how it ended."""
+    obs = {ids[f"<|obs_{s}|>"]: s for s in range(64)}
+    act = {ids[f"<|act_{w}|>"]: a for a, w in enumerate(dqn.ACTION_WORDS)}
+    goal = ids["<|goal|>"]
+    lake, out, s, a, step = planner.ContextModel(), [], None, None, None
+    for t in tokens:
+        if step is not None and t not in obs:  # the step (s, a, s') ended its episode unless an action follows
+            ended = t != ids["<|truncated|>"] and t not in act
+            lake.learn(*step, ended, 1.0 if t == goal else 0.0)
+            step = None
+        if t in act:
+            out.append(lake.facts(s))
+            a = act[t]
+        elif t in obs:
+            step, s, a = ((s, a, obs[t]) if a is not None else None), obs[t], None
+        else:
+            a = None
+    return out
+
+
+def facts_targets(slices, ids: dict) -> torch.Tensor:
+    """(B, P, 4) facts of every action slot of a collated batch (padded slots 0: masked out by batch["mask"])."""
+    facts = [context_facts(s.tokens, ids) for s in slices]
+    out = torch.zeros(len(slices), max(1, max(map(len, facts))), 4, dtype=torch.long)
+    for b, f in enumerate(facts):
+        if f:
+            out[b, :len(f)] = torch.tensor(f)
+    return out
+
+
+def facts_loss(logits, batch, ids: dict) -> torch.Tensor:
+    """Our auxiliary target: cross-entropy of the context's facts about each of the 4 moves, read off 12 rows of the
+    LM head at the Q positions (<|fact_W_F|>; 3 per move), (B, T, V) -> (). The model must infer from its context
+    what an earlier version of this format wrote into its input."""
+    rows = torch.tensor([ids[f"<|fact_{w}_{f}|>"] for w in dqn.ACTION_WORDS for f in FACTS], device=logits.device)
+    at = batch["q_positions"].to(logits.device)                                             # (B, P)
+    x = logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1]))[..., rows]         # (B, P, 12)
+    x = x.float().unflatten(-1, (4, len(FACTS)))                                            # (B, P, 4, 3)
+    nll = F.cross_entropy(x.flatten(0, 2), batch["facts"].to(logits.device).flatten(),
+                          reduction="none").view(at.shape + (4,)).mean(-1)                # (B, P)
+    mask = batch["mask"].to(logits.device).float()
+    return (nll * mask).sum() / mask.sum().clamp(min=1)

@@ -20,7 +20,7 @@ from pathlib import Path
 import compact
 import dqn
 import frozenlake
-import llama
+import checkpoint
 
 DATA_VERSION = 1  # bump when the generator changes: every cached data set is then regenerated
 
@@ -127,10 +127,10 @@ def load_episode_sets(cfg, split: str, canvas_origin=False) -> list[list[dqn.Epi
     text = data_file.read_text() if manifest.get("hash") == digest and data_file.is_file() else None
     if text is None or hashlib.sha256(text.encode()).hexdigest() != manifest.get("data_sha256"):
         text = json.dumps(generate_data(dc), separators=(",", ":"))
-        llama.atomic_write_text(data_file, text)
+        checkpoint.atomic_write_text(data_file, text)
         manifest = {"hash": digest, "config": dc, "data_sha256": hashlib.sha256(text.encode()).hexdigest(),
                     "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-        llama.atomic_write_text(manifest_file, json.dumps(manifest, indent=1))
+        checkpoint.atomic_write_text(manifest_file, json.dumps(manifest, indent=1))
     data = json.loads(text)
     sets = [[dqn.Episode(*data["episodes"][m][r][i]) for i in chosen] for m, r, chosen in data["sets"]]
     for (m, _, _), episodes in zip(data["sets"], sets):
@@ -148,27 +148,3 @@ def load_episode_sets(cfg, split: str, canvas_origin=False) -> list[list[dqn.Epi
 def canvas_offset(rows: int, cols: int, rng: random.Random) -> tuple[int, int]:
     """A random (row, col) offset that keeps a rows x cols map on the 8x8 canvas."""
     return int(rng.random() * (compact.CANVAS - rows + 1)), int(rng.random() * (compact.CANVAS - cols + 1))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Online rounds (--online-every, the paper's §4.6 proposal): the model's own episodes join the data.
-
-ONLINE_MAPS = 50  # training maps the model plays per round (a fresh seeded draw each round)
-ONLINE_KEEP = 4   # rounds kept in the pool; older ones are forgotten
-
-
-def online_round_maps(cfg, step: int) -> list[list[str]]:
-    """The training maps the model plays in the online round at this step (a seeded draw per round)."""
-    return random.Random(f"{cfg.seed}/online{step}").sample(frozenlake.train_maps(cfg.n_maps),
-                                                           min(ONLINE_MAPS, cfg.n_maps))
-
-
-def online_sets_placed(cfg, step: int, sets: list[list[dqn.Episode]], canvas_stage: bool):
-    """The episode sets the model played in the round at `step`, as the data of the current stage: the model plays at
-    the canvas origin (as evaluate.py does), so in the canvas stage each map's set moves to a random offset on the
-    canvas, one per set, as the Q-learner's training sets do (load_episode_sets)."""
-    if not canvas_stage:
-        return sets
-    rng = random.Random(f"{cfg.seed}/online{step}/canvas")
-    offsets = [canvas_offset(len(m), len(m[0]), rng) for m in online_round_maps(cfg, step)]
-    return [[compact.to_canvas(ep, *at) for ep in eps] for at, eps in zip(offsets, sets)]

@@ -35,22 +35,15 @@ Packing (§3.2): sets of 20–40 episodes of one map, shuffled within the set, c
 Episodes are never split: one that does not fit closes the slice, so every action has its next action (or its
 episode's end) in the same slice. An episode longer than the whole context is dropped with a warning.
 
-The compact format (compact.py, our deviation for the small from-scratch model; the IA3 presets write the
-paper's text): one token per observation, action and outcome, a hindsight recap after each finished episode (one
-token per distinct (state, action) tagged goal / hole / wall / other: under causal attention a step cannot see how
-its own episode ended), optionally states as tiles of an 8 x 8 canvas and a facts token after each observation (what
-the context so far shows about the state's 4 moves, planner.ContextModel.facts), which is then the Q position. Both
-are written from the context alone, so evaluation writes them the same way. `next_token_loss` is our auxiliary
-language-model loss on the trajectory.
+Any object with the methods of `Format` writes episodes: `TrajectoryFormat` here (the paper's text), and
+compact.CompactFormat, the cpu preset's deviation (one token per step piece, a recap per finished episode).
 """
 import random
 import warnings
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
-
-import planner
 
 ACTION_WORDS = ("left", "down", "right", "up")  # gymnasium's action ids 0..3
 ROLES = ("observation", "action", "reward", "edit")
@@ -100,7 +93,6 @@ class TrajectoryFormat:
     block_close: list[int]      # <|eot_id|> (chatml: <|im_end|>)
     word_prefix: str            # "" normally; " " for a vocabulary where only " left" is one token
     action_ids: list[int] = field(default_factory=list)  # vocabulary ids of the 4 action words, in action order
-    facts = False               # the compact format's facts tokens (compact.CompactFormat); none in the paper's
     _cache: dict = field(default_factory=dict, repr=False, compare=False)  # text -> ids
 
     @classmethod
@@ -148,7 +140,7 @@ class TrajectoryFormat:
     def observation(self, obs: int) -> list[int]:
         return self.block("observation", str(int(obs)))
 
-    def action_prompt(self, facts=None) -> list[int]:  # its last token predicts the action word: the Q position
+    def action_prompt(self) -> list[int]:  # its last token predicts the action word: the Q position
         return self.header("action")
 
     def action_word(self, a: int) -> list[int]:
@@ -157,39 +149,34 @@ class TrajectoryFormat:
     def reward(self, r: float) -> list[int]:  # emitted by the caller only when r != 0
         return self.block("reward", str(round(float(r), 2)))
 
-    def episode_end(self, truncated: bool) -> list[int]:
-        return (self.block("edit", "...") if truncated else []) + self.eos
-
-    def recap(self, ep: Episode) -> list[int]:  # the paper's format has none
-        return []
-
-    def written(self, ep: Episode) -> Episode:  # the states as the format writes them: gymnasium's numbers
-        return ep
+    def episode_end(self, ep: Episode) -> list[int]:
+        return (self.block("edit", "...") if ep.truncated else []) + self.eos
 
 
-def tokenize_episode(ep: Episode, fmt: TrajectoryFormat,
-                     lake: planner.ContextModel | None = None) -> tuple[list[int], list[int]]:
-    """One episode -> (token ids, q_positions): q_positions[t] is the index of the token whose logits are Q(h_t, ·).
-    fmt: a TrajectoryFormat or compact.CompactFormat (the same methods).
-    The recap (compact format only) follows the episode's end. A format with facts tokens (compact.CompactFormat)
-    writes at each step what `lake` (the context before the episode, in written states; empty if None) and the
-    episode's earlier steps show about the state's moves; lake then learns the episode. The facts never change the
-    length."""
+class Format(Protocol):
+    """What writes an episode as tokens: TrajectoryFormat (the paper's text) or compact.CompactFormat."""
+    action_ids: list[int]   # the vocabulary rows of the 4 action words: the Q-values
+    eos: list[int]          # the episode's last token (also the right padding)
+
+    def episode_start(self) -> list[int]: ...
+    def observation(self, obs: int) -> list[int]: ...
+    def action_prompt(self) -> list[int]: ...     # its last token (or the observation's) is the Q position
+    def action_word(self, a: int) -> list[int]: ...
+    def reward(self, r: float) -> list[int]: ...
+    def episode_end(self, ep: Episode) -> list[int]: ...
+
+
+def tokenize_episode(ep: Episode, fmt: Format) -> tuple[list[int], list[int]]:
+    """One episode -> (token ids, q_positions): q_positions[t] is the index of the token whose logits are Q(h_t, ·)."""
     check_episode(ep)
-    ep, with_facts = fmt.written(ep), fmt.facts
-    lake = planner.ContextModel() if lake is None and with_facts else lake
-    tokens = fmt.episode_start() + fmt.observation(ep.observations[0])
-    q_positions, n = [], len(ep.actions)
-    for t, (s, a, next_obs, r) in enumerate(zip(ep.observations, ep.actions, ep.observations[1:], ep.rewards)):
-        tokens += fmt.action_prompt(lake.facts(s) if with_facts else None)
+    tokens, q_positions = fmt.episode_start() + fmt.observation(ep.observations[0]), []
+    for a, next_obs, r in zip(ep.actions, ep.observations[1:], ep.rewards):
+        tokens += fmt.action_prompt()
         q_positions.append(len(tokens) - 1)
         tokens += fmt.action_word(a) + fmt.observation(next_obs)
         if r != 0:
             tokens += fmt.reward(r)
-        if with_facts:
-            lake.learn(s, a, next_obs, t == n - 1 and not ep.truncated, r)
-    tokens += fmt.episode_end(ep.truncated) + fmt.recap(ep)
-    return tokens, q_positions
+    return tokens + fmt.episode_end(ep), q_positions
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -204,8 +191,6 @@ class Slice:
     rewards: list[float] = field(default_factory=list)     # unscaled episode reward at an episode's last action, else 0
     is_last: list[bool] = field(default_factory=list)      # last action of its episode: no bootstrap
     next_index: list[int] = field(default_factory=list)    # index of the same episode's next action, -1 if last
-    # the slice's lake in written (canvas) states: the facts tokens' source (CompactFormat.facts)
-    written: planner.ContextModel = field(default_factory=planner.ContextModel, repr=False)
 
 
 def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[int]):
@@ -219,33 +204,26 @@ def _append_episode(s: Slice, ep: Episode, tokens: list[int], q_positions: list[
     s.next_index += [first + t + 1 if t < n - 1 else -1 for t in range(n)]
 
 
-def pack_slices(episode_sets: list[list[Episode]], fmt: TrajectoryFormat, context_len: int,
+def pack_slices(episode_sets: list[list[Episode]], fmt: Format, context_len: int,
                 rng: random.Random) -> list[Slice]:
     """Sets of episodes of one map each (in the caller's order) -> slices of at most context_len tokens.
     Episodes are shuffled within their set by rng and never split (cut rule in the module docstring)."""
     if context_len < 1:
         raise ValueError(f"context_len must be positive, got {context_len}")
     slices, current, dropped, lost = [], Slice(), 0, 0
-    with_facts = getattr(fmt, "facts", False)
     for episodes in episode_sets:
         if isinstance(episodes, Episode):
             raise TypeError("pack_slices takes a list of sets (lists) of episodes, got a flat list of episodes")
         order = list(episodes)
         rng.shuffle(order)
         for ep in order:
-            written = current.written.copy() if with_facts else None  # kept only if the episode joins this slice
-            tokens, q_positions = tokenize_episode(ep, fmt, lake=written)
+            tokens, q_positions = tokenize_episode(ep, fmt)
             if len(tokens) > context_len:
                 dropped, lost = dropped + 1, lost + len(ep.actions)
                 continue
             if len(current.tokens) + len(tokens) > context_len:
                 slices.append(current)
                 current = Slice()
-                if with_facts:  # the same length, now with the fresh slice's facts
-                    written = current.written
-                    tokens, q_positions = tokenize_episode(ep, fmt, lake=written)
-            if with_facts:
-                current.written = written
             _append_episode(current, ep, tokens, q_positions)
     if current.tokens:
         slices.append(current)
@@ -302,17 +280,6 @@ def bellman_targets(q_online, q_target, batch, gamma=0.9, reward_scale=30.0) -> 
     return torch.where(is_last, final, bootstrap)
 
 
-def next_token_loss(logits, batch) -> torch.Tensor:
-    """Our auxiliary loss (not the paper's): cross-entropy of the next token at every position except the Q positions,
-    (B, T, V) -> (). It asks the model to predict the next observation from (state, action), the hole or goal that
-    ends an episode, and the recap: all of them answered by looking up earlier steps of the same map in the context,
-    the lookup the Q-values need, with a dense signal instead of one regression target per action."""
-    mask = batch["lm_mask"][:, :-1].to(logits.device)                                      # (B, T-1)
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["tokens"][:, 1:].flatten().to(logits.device),
-                          reduction="none").view(mask.shape)                               # (B, T-1)
-    return (nll * mask).sum() / mask.sum().clamp(min=1)
-
-
 def td_loss(q_online, targets, batch) -> torch.Tensor:
     """Eq. 7: mean over the real action slots of (Q_θ(h_t, a_t) − y_t)², (B, P, 4), (B, P) -> ()."""
     mask = batch["mask"].to(q_online.device).float()                                         # (B, P)
@@ -336,3 +303,54 @@ def polyak_update(target_params, online_params, alpha=0.1):
         if phi.shape != theta.shape:
             raise ValueError(f"target tensor {tuple(phi.shape)} vs online {tuple(theta.shape)}: not copies")
         phi.mul_(1.0 - alpha).add_(theta.to(phi.dtype), alpha=alpha)  # mul/add, not lerp: α = 1 gives θ exactly
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What the model reads: `python dqn.py`
+
+EXAMPLE_MAP = ["SFF", "HHF", "FFG"]  # start 0, goal 8
+EXAMPLE_ACTIONS = (2, 2, 1, 1)      # right, right, down, down: 0 → 1 → 2 → 5 → 8, the goal
+
+
+def main():
+    """Print one short episode as the model reads it, in the paper's text and in the cpu preset's compact format:
+    every token (position, id, text), the Q positions, the action taken at each and its Eq. 6 target."""
+    import compact  # the cpu preset's modules: only this printout needs them
+    import frozenlake
+    import policy
+    gamma, scale = 0.9, 30.0  # train.py's --gamma and --reward-scale
+    env = frozenlake.FrozenLake(EXAMPLE_MAP)
+    ep = Episode([env.reset(seed=0)[0]], [], [], ncol=env.ncol)
+    for a in EXAMPLE_ACTIONS:
+        s, r, _, _, _ = env.step(a)
+        ep.observations.append(s), ep.actions.append(a), ep.rewards.append(r)
+    steps = " ".join(f"-{ACTION_WORDS[a]}-> {s}" for a, s in zip(ep.actions, ep.observations[1:]))
+    print(f"One episode on the lake {' / '.join(EXAMPLE_MAP)} (states row·3 + col): {ep.observations[0]} {steps} "
+          f"(goal, R = {sum(ep.rewards):g}).\nγ = {gamma}; θ: the online network, φ: the target network.")
+    paper, small = policy.small_tokenizer("paper"), policy.small_tokenizer("compact")
+    for title, tok, fmt, written in (
+            ("The paper's text (TrajectoryFormat, the cpu preset's vocabulary)", paper,
+             TrajectoryFormat.for_tokenizer(paper), ep),
+            ("The compact format (compact.CompactFormat as the cpu preset writes it: tile (r, c) is state r·8 + c)",
+             small, compact.CompactFormat(small.special_tokens, canvas=True), compact.to_canvas(ep))):
+        sl = pack_slices([[written]], fmt, 4096, random.Random(0))[0]
+        zeros = torch.zeros(1, len(sl.actions), 4)  # no model: only the final targets (30·R) are numbers
+        y = bellman_targets(zeros, zeros, collate([sl], pad_id=0), gamma, scale)[0]
+        print(f"\n{title}: {len(sl.tokens)} tokens. Q_θ(h_t, a) = the LM head's logits of ids {fmt.action_ids} "
+              f"({', '.join(ACTION_WORDS)}) at the Q position of a_t; h_t = the tokens up to it.")
+        print("  pos      id  token")
+        q_at = {p: t for t, p in enumerate(sl.q_positions)}
+        for pos, i in enumerate(sl.tokens):
+            note, t = "", q_at.get(pos)
+            if t is not None and sl.is_last[t]:  # Eq. 6, the episode's last action
+                note = f"y_{t} = {scale:g}·R = {scale:g}·{sl.rewards[t]:g} = {y[t].item():g}"
+            elif t is not None:  # Eq. 6, bootstrapped from the same episode's next Q position
+                nxt = sl.q_positions[sl.next_index[t]]
+                note = f"y_{t} = {gamma}·Q_φ(h_{t + 1}, argmax_a Q_θ(h_{t + 1}, a)), h_{t + 1} = tokens 0..{nxt}"
+            if t is not None:
+                note = f"<- Q position, a_{t} = {ACTION_WORDS[sl.actions[t]]}: {note}"
+            print(f"  {pos:3d} {i:7d}  {tok.decode([i]):<22s}{note}".rstrip())
+
+
+if __name__ == "__main__":
+    main()

@@ -10,8 +10,9 @@ ours, `demo` (one shortest-path episode per start tile in the context, then 3 gr
 Every policy plays through one harness (rollout.run_episodes) with the same maps, schedule and random stream: the
 model and the baselines of baselines.py (uniform random, tabular Q-learning from scratch, the context planner, the BFS
 oracle). Outputs go to OUT/<experiment>/ (OUT = --out, default <run>/eval): results.json, success.csv and summary.md
-(per episode index: mean and 95% interval over maps; first 2 vs last 10 episodes), success.png; stitching writes
-context.png and trial<k>_<policy>.png instead.
+(per episode index: mean and 95% interval over maps; first 2 vs last 10 episodes), success.png (stitching:
+context.png and trial<k>_<policy>.png instead), and paths.png: the model's paths on the first 3 lakes in episodes 1,
+5, 10, 20 and 30 (every trial of stitching and demo), the in-context learning one can see.
 
 Stitching: the 5 trials run one after another in one row, as every other experiment runs its episodes, so trial t
 sees the two context episodes and trials 0..t-1; trial 0 is "the two context episodes alone". Choices the paper
@@ -26,6 +27,7 @@ import csv
 import json
 import math
 import os
+import signal
 import sys
 from dataclasses import asdict, dataclass
 
@@ -33,7 +35,7 @@ import torch
 
 import baselines
 import frozenlake
-import llama
+import checkpoint
 import policy
 import rollout
 from dqn import Episode
@@ -44,8 +46,8 @@ EXPERIMENTS = ("id", "ood", "stitching", "nonstationary", "demo")
 
 @dataclass
 class EvalConfig:
-    run: str | None = None           # run dir or checkpoint dir of train.py (train.load_policy); None = baselines only
-    online_weights: bool = False     # play the run's online weights even where it saved an --ema average
+    run: str | None = None           # run dir or checkpoint dir of train.py (policy.load_policy); None = baselines only
+    online_weights: bool = False     # play the run's online weights θ, not its target network φ
     experiment: str = "id"           # id | ood | stitching | nonstationary | demo | all
     episodes: int = 30               # episodes per map (per map phase in nonstationary)
     maps: int | None = None          # use only the first N maps of the experiment's set (None = all 50)
@@ -67,6 +69,14 @@ class EvalConfig:
 
 
 PLANNER_UNTRIED = 0.9 ** 8  # the planner baseline values an untried move like a goal 8 steps away
+
+
+class Stopped(Exception):
+    """SIGTERM (a time limit) during an evaluation: the policies that finished are written, marked partial."""
+
+
+def stop(signum, frame):
+    raise Stopped("the experiment in progress was not written in full")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -143,7 +153,7 @@ def _atomic_write(path, write, mode="w"):
     def write_file(tmp):
         with open(tmp, mode) as f:
             write(f)
-    llama.atomic_write(path, write_file)
+    checkpoint.atomic_write(path, write_file)
 
 
 def write_outputs(out_dir, name, cfg, setup, results, model_stats):
@@ -198,7 +208,43 @@ def write_outputs(out_dir, name, cfg, setup, results, model_stats):
                                       title=f"{p}, trial {t}: {'goal' if results[p]['success'][0][0][t] else 'fail'}")
     else:
         plot_curves(os.path.join(out_dir, "success.png"), name, summaries, per_map, len(map_sequences))
+    who = "model" if "model" in results else "planner"  # without a model, the baselines' in-context learner
+    plot_paths(os.path.join(out_dir, "paths.png"), name, map_sequences, probs,
+               {k: v[0] for k, v in results[who].items()}, who)
     return summaries
+
+
+PATH_EPISODES = (1, 5, 10, 20, 30)  # the episodes paths.png draws: random, warming up, greedy
+
+
+def plot_paths(path, name, map_sequences, probs, run, who, n_lakes=3):
+    """The first n_lakes rows' lakes (each map of a row), one panel per drawn episode: the policy's path in episodes
+    1, 5, 10, 20, 30 (every trial when all episodes are greedy: stitching, demo) on frozenlake.draw_lake's picture.
+    run: one seed's run_episodes output. Returns the grid drawn: per panel row, (row, episode index) per column."""
+    from matplotlib.figure import Figure
+    per_map = len(probs)
+    trials = min(probs) == 1.0
+    shown = list(range(min(per_map, 8))) if trials else sorted({min(e, per_map) - 1 for e in PATH_EPISODES})
+    lakes = [(r, m) for r in range(min(n_lakes, len(map_sequences))) for m in range(len(map_sequences[r]))]
+    tall = [2.0 * len(map_sequences[r][m]) / len(map_sequences[r][m][0]) for r, m in lakes]  # 2 in wide, inches
+    width, height = 2.2 * len(shown), sum(tall) + 0.5 * len(lakes) + 0.4  # 0.4 in per row of titles, 0.4 on top
+    fig, top, grid = Figure(figsize=(width, height)), height - 0.4, []
+    for i, (r, m) in enumerate(lakes):  # placed by hand: each lake row exactly as tall as its lakes
+        top -= 0.4 + tall[i]
+        grid.append([(r, m * per_map + e) for e in shown])
+        for j, (_, k) in enumerate(grid[-1]):
+            states, n = run["paths"][r][k], run["steps"][r][k]
+            end = "goal" if run["success"][r][k] else "cut" if run["truncated"][r][k] else "hole"
+            ax = fig.add_axes(((2.2 * j + 0.1) / width, top / height, 2.0 / width, tall[i] / height))
+            frozenlake.draw_lake(ax, map_sequences[r][m], [states])
+            lake = f"lake {r + 1}" + (f" map {m + 1}" if len(map_sequences[r]) > 1 else "")
+            p = "" if trials else f" (p {probs[k % per_map]:.1f})"
+            ax.set_title(f"{lake}, {'trial' if trials else 'episode'} {k % per_map + 1}{p}\n"
+                         f"{end} after {n} step{'s' * (n != 1)}", fontsize=8)
+    fig.suptitle(f"{name}: {who}'s paths (square: its start; S green, G gold, H dark"
+                 + ("" if trials else "; p: probability of a greedy step") + ")", fontsize=9, y=1 - 0.15 / height)
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), mode="wb")
+    return grid
 
 
 def plot_curves(path, name, summaries, per_map, n_maps):
@@ -277,7 +323,7 @@ def evaluate(cfg, policy_model=None):
     if policy_model is None and not cfg.baselines_only:
         device = policy.resolve_device(cfg.device)
         n_train_maps = max(n_train_maps, policy.saved_config(policy.checkpoint_dir(cfg.run)).n_maps)
-        model, adapter, _, fmt = policy.load_policy(cfg.run, device=device, averaged=not cfg.online_weights)
+        model, adapter, _, fmt = policy.load_policy(cfg.run, device=device, online=cfg.online_weights)
         if cfg.context and cfg.context > model.args.max_seq_len:
             raise ValueError(f"--context {cfg.context} is longer than the model's {model.args.max_seq_len} "
                              f"positions: give at most {model.args.max_seq_len}")
@@ -297,14 +343,19 @@ def evaluate(cfg, policy_model=None):
                  ("planner", lambda s: baselines.PlannerPolicy(untried=PLANNER_UNTRIED, seed=s), seeds, n_rows),
                  ("oracle", lambda seed: baselines.OraclePolicy(), seeds, n_rows)]
         total = sum(len(s) for _, _, s, _ in jobs) * n_rows * len(probs) * len(map_sequences[0])
-        results, model_stats = {}, {}
-        with tqdm(total=total, desc=name, unit="episode", disable=not cfg.progress) as bar:
-            for pname, make, job_seeds, size in jobs:
-                runs = []
-                for seed in job_seeds:
-                    bar.set_postfix(policy=pname, seed=seed)
-                    runs.append(play(make(seed), setup, seed, cfg.max_steps, bar, size))
-                results[pname] = {k: [r[k] for r in runs] for k in runs[0]}
+        results, model_stats, missing = {}, {}, []
+        try:
+            with tqdm(total=total, desc=name, unit="episode", disable=not cfg.progress) as bar:
+                for pname, make, job_seeds, size in jobs:
+                    runs = []
+                    for seed in job_seeds:
+                        bar.set_postfix(policy=pname, seed=seed)
+                        runs.append(play(make(seed), setup, seed, cfg.max_steps, bar, size))
+                    results[pname] = {k: [r[k] for r in runs] for k in runs[0]}
+        except Stopped:  # the model plays first: a time limit that stops the baselines still leaves its numbers
+            if not results:
+                raise Stopped(f"no policy of {name} had finished: nothing written for it") from None
+            missing = [pname for pname, *_ in jobs if pname not in results]
         if policy_model is not None:
             model_stats = {"context": policy_model.limit, "context_overflows": policy_model.overflows,
                            "map_batch": group}
@@ -317,6 +368,11 @@ def evaluate(cfg, policy_model=None):
             print(f"{name:14s} model: {model_stats['context_overflows']} context overflows (re-prefills) in "
                   f"{model_stats['context']} tokens")
         print(f"wrote {os.path.join(out_root, name)}/")
+        if missing:
+            with open(os.path.join(out_root, name, "summary.md"), "a") as f:
+                f.write(f"\nPartial: stopped by SIGTERM before {', '.join(missing)} finished.\n")
+            raise Stopped(f"wrote {', '.join(results)} of {name} to {os.path.join(out_root, name)}/, marked "
+                          f"partial; not run: {', '.join(missing)}")
     return report
 
 
@@ -326,7 +382,7 @@ def parse_args(argv=None):
     d = EvalConfig()
     p.add_argument("--run", default=d.run, help="train.py run dir (latest checkpoint) or a checkpoint dir")
     p.add_argument("--online-weights", action="store_true",
-                   help="play the run's online weights, not the --ema average its checkpoint saved (if any)")
+                   help="play the run's online weights θ, not its target network φ (Eq. 8's slow average of θ)")
     p.add_argument("--experiment", default=d.experiment, choices=EXPERIMENTS + ("all",))
     p.add_argument("--episodes", type=int, default=d.episodes, help="episodes per map (per map phase)")
     p.add_argument("--maps", type=int, default=d.maps, help="use only the first N maps of the set")
@@ -363,8 +419,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     cfg, debug = parse_args(argv)
+    signal.signal(signal.SIGTERM, stop)  # a time limit's SIGTERM: write what finished, then exit non-zero
     try:
         evaluate(cfg)
+    except Stopped as e:
+        sys.exit(f"evaluate.py: stopped by SIGTERM: {e}")
     except (ValueError, OSError, RuntimeError) as e:  # a bad run dir or checkpoint: one line naming it
         if debug:
             raise

@@ -302,6 +302,26 @@ def render_png(desc, trajectories, path, title=None):
     small sideways offset, so paths that share tiles stay visible (as in the paper's stitching figure)."""
     # a bare Figure draws with the Agg canvas and leaves pyplot's global backend and figure list alone
     from matplotlib.figure import Figure
+
+    desc = validate_map(desc)
+    nrow, ncol = len(desc), len(desc[0])
+    fig = Figure(figsize=(0.9 * ncol + 0.4, 0.9 * nrow + 0.6))
+    draw_lake(fig.add_subplot(), desc, trajectories, title)
+    fig.tight_layout()
+    # write beside the target and rename, so a crash never leaves a half-written picture at `path`
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def draw_lake(ax, desc, trajectories, title=None):
+    """render_png's picture on a matplotlib axis (so several lakes can share one figure)."""
     from matplotlib.patches import FancyArrowPatch, Rectangle
 
     desc = validate_map(desc)
@@ -311,8 +331,6 @@ def render_png(desc, trajectories, path, title=None):
         if bad:
             raise ValueError(f"trajectory {k} has states {bad} outside this {nrow}x{ncol} map (0..{nrow * ncol - 1})")
 
-    fig = Figure(figsize=(0.9 * ncol + 0.4, 0.9 * nrow + 0.6))
-    ax = fig.add_subplot()
     for s, tile in enumerate("".join(desc)):
         row, col = divmod(s, ncol)
         ax.add_patch(Rectangle((col, row), 1, 1, facecolor=TILE_COLORS[tile], edgecolor="#7f8c99", linewidth=1))
@@ -346,14 +364,3 @@ def render_png(desc, trajectories, path, title=None):
     ax.axis("off")
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    # write beside the target and rename, so a crash never leaves a half-written picture at `path`
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from llama import atomic_write
+from checkpoint import atomic_write
 
 TARGET_MODULES = ["k_proj", "v_proj", "down_proj"]  # PEFT's default for llama
 FEEDFORWARD_MODULES = ["down_proj"]  # scaled at the input, not the output

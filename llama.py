@@ -13,8 +13,6 @@ transformers' `LlamaForCausalLM` (tests/test_llama.py). Deliberate differences f
 """
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -23,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from checkpoint import atomic_write
 
 LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                        "original_max_position_embeddings": 8192}
@@ -144,6 +144,19 @@ class KVCache:
         return ck[:, :, :kv_len], cv[:, :, :kv_len]
 
 
+def sdpa(q, k, v, **kw):
+    """F.scaled_dot_product_attention, on CUDA without the cuDNN backend: torch 2.11 prefers it on Hopper, and it
+    builds a plan per exact shape (evaluation's shapes change every step) with open reports of wrong results under
+    masks and GQA. Flash, memory-efficient and math stay as they are; the CPU path is the plain call."""
+    if not q.is_cuda or not torch.backends.cuda.cudnn_sdp_enabled():
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    torch.backends.cuda.enable_cudnn_sdp(False)  # two flag flips: sdpa_kernel's context costs ~10 µs a layer
+    try:
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+
+
 def attention(q, k, v, mask, causal, use_sdpa):
     """q (B, H, T, D); k, v (B, Hkv, L, D); mask (B, 1, T, L) bool (True = attend) or None -> (B, H, T, D)."""
     if use_sdpa and mask is not None and k.shape[1] != q.shape[1]:
@@ -152,11 +165,10 @@ def attention(q, k, v, mask, causal, use_sdpa):
         B, H, T, D = q.shape
         rep = H // k.shape[1]
         mask = mask[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, 1, rep * T, -1)  # (B, 1, rep·T, L)
-        out = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], rep * T, D), k, v, attn_mask=mask)
+        out = sdpa(q.reshape(B, k.shape[1], rep * T, D), k, v, attn_mask=mask)
         return out.reshape(B, H, T, D)  # CUDA's fused kernels return a transposed (B, rep·T, Hkv, D) buffer
     if use_sdpa:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                              enable_gqa=k.shape[1] != q.shape[1])
+        return sdpa(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
     rep = q.shape[1] // k.shape[1]  # query head h reads KV head h // rep
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, L)
@@ -380,25 +392,6 @@ def load(path, device="cpu", dtype=None) -> Transformer:
             raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from e
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
-
-
-def atomic_write(path, write):
-    """write(tmp_path) into a temp file beside `path`, then rename it over `path`: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(path, text: str):
-    """`text` into `path` (its folder made if missing), atomically (atomic_write)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save(model: Transformer, path):

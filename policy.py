@@ -3,7 +3,8 @@ adapters (the paper's §3.3), the target network beside it, and a trained policy
 
 The cpu preset's vocabulary is built in (bytes plus merges for the paper's words, the Llama 3 special-token names and
 the compact format's tokens), so `--format paper` writes the paper's text token for token. The IA3 presets share one
-frozen base between the online adapter, the target adapter and the weight average.
+frozen base between the online adapter and the target adapter. A trained run plays its target network φ (Eq. 8's
+slow average of θ; `played="online"` plays θ).
 """
 import copy
 import os
@@ -102,24 +103,20 @@ def build_policy(cfg, device, ckpt: Path | None = None):
     return base, adapter, base, target, tokenizer
 
 
-def save_weights(cfg, model, adapter, target, target_adapter, ema, tokenizer, out: Path):
-    """The policy's directories in a checkpoint: model/ (with its tokenizer), target/, ema/ for the cpu preset;
-    adapter/, target_adapter/, ema_adapter/ (PEFT's format) on the shared base for the IA3 presets."""
+def save_weights(cfg, model, adapter, target, target_adapter, tokenizer, out: Path):
+    """The policy's directories in a checkpoint: model/ (with its tokenizer) and target/ for the cpu preset;
+    adapter/ and target_adapter/ (PEFT's format) on the shared base for the IA3 presets."""
     if adapter is None:
         llama.save(model, out / "model"), tokenizer.save(out / "model"), llama.save(target, out / "target")
-        if ema is not None:
-            llama.save(ema, out / "ema")
         return
     base = str(base_model_dir(cfg))
     adapter.save_pretrained(out / "adapter", base_model_name_or_path=base)
-    target_adapter.save_pretrained(out / "target_adapter")
-    if ema is not None:
-        ema.save_pretrained(out / "ema_adapter", base_model_name_or_path=base)
+    target_adapter.save_pretrained(out / "target_adapter", base_model_name_or_path=base)
 
 
 def trajectory_format(cfg, tokenizer) -> "dqn.TrajectoryFormat | compact.CompactFormat":
     if cfg.format == "compact":
-        return compact.CompactFormat(tokenizer.special_tokens, canvas=cfg.canvas, facts=cfg.facts_tokens)
+        return compact.CompactFormat(tokenizer.special_tokens, recap=getattr(cfg, "recap", True), canvas=cfg.canvas)
     return dqn.TrajectoryFormat.for_tokenizer(tokenizer)
 
 
@@ -160,29 +157,18 @@ def checkpoint_dir(run_or_checkpoint_dir) -> Path:
     return ckpt
 
 
-def ema_weights(model, adapter, ckpt: Path | None = None, device="cpu"):
-    """The --ema average of the trained weights: the one a checkpoint saved, else a fresh copy."""
-    if ckpt is None:
-        ema = copy.deepcopy(model) if adapter is None else adapter.copy()
-    else:
-        ema = llama.load(ckpt / "ema").to(device) if adapter is None else ia3.IA3.from_pretrained(ckpt / "ema_adapter",
-                                                                                                  model)
-    return ema.requires_grad_(False)
-
-
-def load_policy(run_or_checkpoint_dir, device="cpu", averaged=True):
+def load_policy(run_or_checkpoint_dir, device="cpu", online=False):
     """-> (model, adapter or None, tokenizer, fmt) of a run's latest checkpoint (or a checkpoint dir), checked: every
-    file as saved, the same base model, finite weights. averaged: the --ema average where the run kept one."""
+    file as saved, the same base model, finite weights. The target network φ plays (online: θ)."""
     ckpt = checkpoint_dir(run_or_checkpoint_dir)
     cfg = saved_config(ckpt)
     manifest = checkpoint.verify(ckpt, [])
-    model, adapter, _, _, tokenizer = build_policy(cfg, device, ckpt)
+    model, adapter, target, target_adapter, tokenizer = build_policy(cfg, device, ckpt)
     if manifest.get("base_model") and manifest["base_model"] != identity(cfg, model, tokenizer)["base_model"]:
         raise ValueError(f"{ckpt} was trained on another base model than {base_model_dir(cfg)}: give the run's "
                          f"--model-dir")
-    if averaged and cfg.ema:
-        ema = ema_weights(model, adapter, ckpt, device)
-        model, adapter = (ema, None) if adapter is None else (model, ema)
+    if not online:
+        model, adapter = target, target_adapter
     if not checkpoint.all_finite([model if adapter is None else adapter]):
         raise ValueError(f"{ckpt} holds weights that are not finite (NaN or inf): play an earlier checkpoint")
     model.eval().requires_grad_(False)
@@ -194,5 +180,5 @@ def load_policy(run_or_checkpoint_dir, device="cpu", averaged=True):
 def needed_files(cfg) -> list[str]:
     """What a checkpoint of this config must hold to resume it exactly."""
     if cfg.preset == "cpu":
-        return ["model", "target"] + (["ema"] if cfg.ema else [])
-    return ["adapter", "target_adapter"] + (["ema_adapter"] if cfg.ema else [])
+        return ["model", "target"]
+    return ["adapter", "target_adapter"]

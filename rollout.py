@@ -2,8 +2,7 @@
 
 Per map, 30 episodes with the whole history as context (arXiv 2501.14176, §4.1): at every step of episode k the
 policy's greedy action is taken with probability floor(k/2)/10 for k < 20 and always after, otherwise a uniform random
-action. evaluate.py runs its experiments through `run_episodes`, and train.py's online rounds (`play_maps`, the
-paper's §4.6 proposal) play the training maps the same way.
+action. evaluate.py runs its experiments through `run_episodes`.
 
 A policy is any object with four methods (the model's `ModelPolicy` here, the baselines in baselines.py):
   reset(n_rows)                          forget everything; rows are maps (one lake per row, all stepping together)
@@ -21,8 +20,7 @@ PREFILL_ALONE positions): rows × layers × 2 × (context + 64) × n_kv_heads ×
 
 Context overflow: when a row's context would exceed `context` tokens, its oldest whole episodes are dropped until it
 fits and the row is re-prefilled; if the unfinished episode alone is too long (a looping 100-step episode), its oldest
-steps are dropped too, down to 3/4 of the context. Re-prefills are counted. The facts tokens (compact format) are
-written from the row's whole history, also after its oldest episodes left the context.
+steps are dropped too, down to 3/4 of the context. Re-prefills are counted.
 """
 import collections
 import random
@@ -31,9 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 import compact
-import dqn
 import frozenlake
-import planner
 from dqn import Episode, tokenize_episode
 
 PREFILL_ALONE = 64  # a row with more new tokens than this (a re-prefill) runs on its own, not padded into the batch
@@ -77,9 +73,6 @@ class RowContext:
     cur_start: int | None = None                 # index in tokens where the unfinished episode starts (None = none)
     step_offsets: list = field(default_factory=list)  # index of each of its steps' observation block
     first_step: int = 0                          # its step the context starts from (> 0 after an in-episode trim)
-    # the finished episodes in written states: the facts tokens' source (CompactFormat.facts; kept on a trim)
-    lake: planner.ContextModel = field(default_factory=planner.ContextModel)
-    cur_lake: planner.ContextModel | None = None  # the same and the unfinished episode's steps so far
 
 
 class ModelPolicy:
@@ -95,7 +88,6 @@ class ModelPolicy:
         self.device = next(model.parameters()).device
         self.action_ids = torch.tensor(fmt.action_ids, device=self.device)
         self.canvas = getattr(fmt, "canvas", False)
-        self.facts = getattr(fmt, "facts", False)  # facts tokens: the rows' lakes are kept only for them
 
     def reset(self, n_rows):
         self.rows = [RowContext() for _ in range(n_rows)]
@@ -118,27 +110,21 @@ class ModelPolicy:
         st.tokens += fmt.observation(self._state(episode, -1))
         if episode.rewards[-1] != 0:
             st.tokens += fmt.reward(episode.rewards[-1])
-        if self.facts:
-            st.cur_lake.learn(self._state(episode, -2), episode.actions[-1], self._state(episode, -1), terminated,
-                              episode.rewards[-1])
         if done:
-            st.tokens += fmt.episode_end(episode.truncated)
+            st.tokens += fmt.episode_end(self._written(self._kept(st, episode)))  # a recap of the kept steps only
             self._close_episode(st, episode, start=st.cur_start, built=len(st.tokens) - st.cur_start)
         else:
-            st.tokens += self._prompt(st, episode)
+            st.tokens += fmt.action_prompt()
+
+    def _kept(self, st, episode):  # the episode's steps still in the context (all but after an in-episode cut)
+        k = st.first_step
+        return Episode(episode.observations[k:], episode.actions[k:], episode.rewards[k:], episode.truncated,
+                       ncol=episode.ncol) if k else episode
 
     def _close_episode(self, st, episode, start, built):
         """Replace the incrementally built episode by dqn.tokenize_episode's text (the training text); normally equal,
         otherwise the cache stays valid only up to where they agree."""
-        k = st.first_step
-        if k:
-            if self.facts:  # the cut steps stay in the row's lake: the facts tokens the model read came from them too
-                for t in range(k):
-                    st.lake.learn(self._state(episode, t), episode.actions[t], self._state(episode, t + 1), False,
-                                  episode.rewards[t])
-            episode = Episode(episode.observations[k:], episode.actions[k:], episode.rewards[k:], episode.truncated,
-                              ncol=episode.ncol)
-        text, _ = tokenize_episode(episode, self.fmt, lake=st.lake)  # st.lake learns it (facts tokens)
+        text, _ = tokenize_episode(self._written(self._kept(st, episode)), self.fmt)
         old = st.tokens[start:start + built]
         same = next((i for i, (x, y) in enumerate(zip(old, text)) if x != y), min(len(old), len(text)))
         st.fed = min(st.fed, start + same)
@@ -154,21 +140,20 @@ class ModelPolicy:
                 st.cur_start = len(st.tokens)
                 st.tokens += self.fmt.episode_start()
                 st.step_offsets = [len(st.tokens)]
-                st.cur_lake = st.lake.copy() if self.facts else None
-                st.tokens += self.fmt.observation(self._state(ep, -1)) + self._prompt(st, ep)
+                st.tokens += self.fmt.observation(self._state(ep, -1)) + self.fmt.action_prompt()
             if len(st.tokens) > self.limit:
                 self._trim(st)
         with torch.inference_mode():
             q = self._q_recompute(rows) if self.recompute else self._q_cached(rows)  # (len(rows), 4)
+        self.last_q = q  # the Q-values behind these actions, for qvalues.py's check
         return q.argmax(-1).tolist()
-
-    def _prompt(self, st, episode):  # the action prompt; a facts format writes what the context shows about the state
-        facts = st.cur_lake.facts(self._state(episode, -1)) if self.facts else None
-        return self.fmt.action_prompt(facts)
 
     def _state(self, episode, t):  # the state number the format writes (the canvas tile under a canvas format)
         s = episode.observations[t]
         return compact.canvas_state(s, episode.ncol) if self.canvas else s
+
+    def _written(self, episode):  # the episode as the format writes it (canvas tiles at the origin)
+        return compact.to_canvas(episode) if self.canvas else episode
 
     def _trim(self, st):
         """Drop the oldest whole episodes until the context fits; if the unfinished episode alone does not fit, also
@@ -298,16 +283,3 @@ def run_episodes(policy, map_sequences, probs, seed=0, context_episodes=None, ma
                 k[r], live[r] = k[r] + 1, None
                 if progress is not None:
                     progress.update(1)
-
-
-def play_maps(model, adapter, fmt, maps, context_len, seed) -> list[list[dqn.Episode]]:
-    """The model's own episodes: each map played for 30 episodes under the warm-up schedule (the model's
-    greedy action with probability floor(k/2)/10, else random; greedy from episode 20), one set per map."""
-    was_training = model.training
-    model.eval()
-    policy = ModelPolicy(model, fmt, adapter, context=context_len)
-    out = run_episodes(policy, [[m] for m in maps], schedule(30), seed=seed)
-    model.train(was_training)
-    return [[dqn.Episode(obs, acts, [0.0] * (len(acts) - 1) + [won], trunc, ncol=len(maps[r][0]))
-             for obs, acts, won, trunc in zip(out["paths"][r], out["actions"][r], out["success"][r],
-                                              out["truncated"][r])] for r in range(len(maps))]

@@ -1,17 +1,13 @@
-"""Train an in-context RL agent: offline double DQN on Frozen Lake trajectories, Q-values read off LLaMA's LM head.
+"""Train an in-context RL agent: double DQN on multi-episode Frozen Lake trajectories, Q read off LLaMA's LM head.
 
-The paper's recipe (arXiv 2501.14176, §3), top to bottom:
-1. Data (§3.2, data.py): a tabular Q-learner's histories on 250 training maps, drawn into sets of 20-40 episodes of
-   one map, packed into context slices (dqn.pack_slices).
-2. The loop: AdamW (weight decay 0.01), lr warmup over 10 steps then constant, `slices_per_step` slices per
-   optimizer step; Q at the action positions (dqn.q_values), double-DQN targets from the target network (Eq. 6,
-   dqn.bellman_targets), MSE TD loss (Eq. 7, dqn.td_loss), Polyak averaging of the target after every step (Eq. 8,
-   dqn.polyak_update). bf16 autocast and gradient checkpointing on CUDA.
-3. A run dir (checkpoint.py): atomic checkpoints, exact `--resume`, Ctrl-C / SIGTERM save and exit.
-4. `torchrun --nproc_per_node N train.py ...`: data parallel, each rank takes its share of a step's slices.
+The paper's recipe (arXiv 2501.14176, §3), as `train()` reads top to bottom: the learning rate (10 warm-up steps,
+then constant), a step's slices of packed episode sets (§3.2, data.py and dqn.pack_slices), Q_θ at the action
+positions and the double-DQN targets of the target network φ (Eq. 6), the TD loss (Eq. 7), an AdamW step, Polyak
+averaging of φ (Eq. 8), then the log, the held-out loss and checkpoints (checkpoint.py). `torchrun --nproc_per_node
+N train.py ...` runs it data parallel, each rank taking its share of a step's slices.
 
-Presets: `smollm2` and `llama3.1-8b` (IA3 on a pretrained LLaMA) are the paper's recipe; `cpu` (the default) trains
-a small LLaMA from random init on 2 CPU cores, with the deviations listed (and measured) in the README.
+`TrainConfig()` is the paper's recipe (on SmolLM2-135M + IA3). `python train.py` trains the cpu preset: a small
+LLaMA from random init on 2 CPU cores, with the deviations in `CPU` (each measured in the README).
 """
 import argparse
 import contextlib
@@ -20,9 +16,7 @@ import json
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -31,11 +25,10 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import compact
 import data
 import dqn
-import llama
 import policy
-import rollout
 
 
 def option(default, help, **kw):
@@ -44,8 +37,9 @@ def option(default, help, **kw):
 
 @dataclass
 class TrainConfig:
-    preset: str = option("cpu", "cpu: a small LLaMA from random init; smollm2 / llama3.1-8b: the paper's IA3 recipe",
-                         choices=("cpu", "smollm2", "llama3.1-8b"))
+    """The paper's recipe (§3.2-3.3, §4): its text, lr 1e-2, 10 x 4096-token slices, α 0.1, one epoch."""
+    preset: str = option("smollm2", "cpu: a small LLaMA from random init, all weights trained; smollm2 / "
+                         "llama3.1-8b: IA3 on a frozen pretrained LLaMA", choices=("cpu", "smollm2", "llama3.1-8b"))
     model_dir: str | None = option(None, "HF LLaMA checkpoint dir of the IA3 presets' base model")
     out: str | None = option(None, "run dir: checkpoints, metrics.jsonl, loss.png (default runs/<preset>)")
     resume: bool = option(False, "continue the run in --out from its newest readable checkpoint")
@@ -54,43 +48,48 @@ class TrainConfig:
     n_layers: int = option(4, "cpu model: transformer blocks")
     data_dir: str = option("runs/data", "cache of the generated episodes")
     n_maps: int = option(250, "training maps (the paper: 250)")
-    sets_per_map: int = option(12, "episode sets drawn per training map")
-    quality: str = option("low", "sets: hi = successes 5x more likely, low = failures 5x, mid = even (the paper)",
+    sets_per_map: int = option(58, "episode sets drawn per training map")
+    quality: str = option("mid", "sets: hi = successes 5x more likely, low = failures 5x, mid = even (the paper)",
                           choices=("hi", "mid", "low"))
-    context_len: int = option(1024, "tokens per slice (the paper: 4096)")
-    format: str = option("compact", "paper: the paper's text; compact: one token per step piece (cpu preset)",
+    context_len: int = option(4096, "tokens per slice (the paper: 4096)")
+    format: str = option("paper", "paper: the paper's text; compact: one token per step piece (compact.py)",
                          choices=("paper", "compact"))
-    facts_tokens: bool = option(True, "compact format: a token after each observation naming its moves' facts")
-    canvas: bool = option(True, "compact format: states as tiles of an 8x8 canvas, sets at random offsets")
+    recap: bool = option(False, "compact format: a hindsight recap token per (state, action) of a finished episode")
+    canvas: bool = option(False, "compact format: states as tiles of an 8x8 canvas, sets at random offsets")
     canvas_from: float = option(0.6, "with --canvas: share of the steps with every set at the canvas origin first")
-    steps: int = option(700, "optimizer steps (0: --epochs passes over the slices)")
+    steps: int = option(0, "optimizer steps (0: --epochs passes over the slices)")
     epochs: float = option(1.0, "passes over the data when --steps is 0 (the paper: 1)")
-    slices_per_step: int = option(8, "slices per optimizer step, all ranks together (the paper: 10)")
-    micro_batch: int = option(4, "slices per forward pass (gradient accumulation up to --slices-per-step)")
-    lr: float = option(3e-3, "peak learning rate (the paper: 1e-2 for IA3)")
+    slices_per_step: int = option(10, "slices per optimizer step, all ranks together (the paper: 10)")
+    micro_batch: int = option(1, "slices per forward pass (gradient accumulation up to --slices-per-step)")
+    lr: float = option(1e-2, "peak learning rate (the paper: 1e-2)")
     warmup_steps: int = option(10, "linear warmup steps, then constant (the paper: 10)")
     weight_decay: float = option(0.01, "AdamW weight decay (the paper: 0.01)")
-    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off, the paper)")
+    grad_clip: float = option(0.0, "clip the gradient norm to this (0: off, the paper)")
     gamma: float = option(0.9, "discount γ of the Bellman targets (the paper: 0.9)")
     reward_scale: float = option(30.0, "episode reward x this in the targets (the paper: 30)")
-    alpha: float = option(0.01, "Polyak rate of the target network, Eq. 8 (the paper: 0.1)")
-    ema: float = option(0.99, "decay of the weight average that evaluate.py plays (0: play the weights)")
-    aux_lm: float = option(30.0, "weight of the auxiliary next-token loss (0: off, the paper)")
-    online_every: int = option(140, "every N steps the model plays 50 training maps; its episodes join the data (0: off)")
-    online_share: float = option(0.25, "share of each step's slices drawn from the online rounds' episodes")
-    eval_every: int = option(40, "held-out TD loss every N steps (0: only at the end)")
-    eval_slices: int = option(8, "held-out slices per held-out loss")
-    save_every: int = option(80, "checkpoint every N steps (and at the end)")
+    alpha: float = option(0.1, "Polyak rate of the target network, Eq. 8 (the paper: 0.1)")
+    aux_lm: float = option(0.0, "weight of the auxiliary next-token loss (0: off, the paper)")
+    aux_facts: float = option(0.0, "compact format: weight of the auxiliary facts target at the Q positions")
+    eval_every: int = option(50, "held-out TD loss every N steps (0: only at the end)")
+    eval_slices: int = option(20, "held-out slices per held-out loss")
+    save_every: int = option(100, "checkpoint every N steps (and at the end)")
     seed: int = option(0, "seed of the model init, the slice packing and the data order")
     device: str = option("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
 
 
-# the paper's recipe (§3.3-4): its text, targets, lr 1e-2, 10 x 4096 tokens per step, α 0.1, one epoch ≈ 956 steps
-PAPER = dict(format="paper", quality="mid", canvas=False, facts_tokens=False, ema=0.0, aux_lm=0.0, online_every=0,
-             context_len=4096, slices_per_step=10, micro_batch=1, lr=1e-2, grad_clip=0.0, alpha=0.1, steps=0,
-             sets_per_map=58, eval_every=50, eval_slices=20, save_every=100)
-PRESETS = {"cpu": {}, "smollm2": dict(PAPER), "llama3.1-8b": dict(PAPER)}
-MODEL_FIELDS = ("preset", "format", "facts_tokens", "canvas", "model_dir", "dim", "n_layers")
+# The cpu preset: the paper's recipe with these deviations, in the README's order and words.
+CPU = dict(
+    dim=128, n_layers=4, context_len=1024, slices_per_step=8, micro_batch=4, lr=3e-3, grad_clip=1.0,  # small model
+    steps=700, sets_per_map=12,     # a shorter run: 700 steps over 12 sets per map
+    format="compact", recap=True,   # compact format: one token per step piece, a recap per finished episode
+    canvas=True,                    # canvas states with a curriculum (--canvas-from)
+    aux_lm=30.0,                    # auxiliary next-token loss
+    aux_facts=30.0,                 # auxiliary facts target: what the context shows about each move
+    quality="low",                  # failed episodes 5x more likely in a set
+    alpha=0.01,                     # a slower target network, the played policy
+    eval_every=40, eval_slices=8, save_every=80)  # bookkeeping at this scale
+PRESETS = {"cpu": CPU, "smollm2": {}, "llama3.1-8b": {}}
+MODEL_FIELDS = ("preset", "format", "recap", "canvas", "model_dir", "dim", "n_layers")
 
 
 def make_config(preset="cpu", **overrides) -> TrainConfig:
@@ -99,50 +98,50 @@ def make_config(preset="cpu", **overrides) -> TrainConfig:
     return TrainConfig(**{**PRESETS[preset], "preset": preset, **overrides})
 
 
-def parse_args(argv=None) -> tuple[TrainConfig, bool]:
+def parse_args(argv=None) -> tuple[TrainConfig, bool, bool]:
+    """-> (config, debug, progress)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
                                 epilog="`python train.py` with no arguments trains the cpu preset.")
     for f in fields(TrainConfig):
         by_preset = {name: PRESETS[name].get(f.name, f.default) for name in PRESETS}
-        help = f.metadata["help"] + (f" [{', '.join(f'{k}: {v}' for k, v in by_preset.items())}]"
-                                     if len(set(map(str, by_preset.values()))) > 1 else f" [{f.default}]")
+        shown = by_preset if len(set(map(str, by_preset.values()))) > 1 else {"all": f.default}
+        help = f.metadata["help"] + f" [{', '.join(f'{k}: {v}' for k, v in shown.items())}]"
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
             kind = {int: int, float: float}.get(f.type, str)
             p.add_argument(flag, type=kind, default=None, choices=f.metadata.get("choices"), help=help)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    debug = given.pop("debug", False)
+    debug, progress = given.pop("debug", False), not given.pop("no_progress", False)
     try:
         cfg = make_config(given.pop("preset", "cpu"), **given)
         check_config(cfg)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
-    return cfg, debug
+    return cfg, debug, progress
 
 
 def check_config(cfg: TrainConfig):
     """Bad input -> one clear error before any data or model work."""
-    positive = ("n_maps", "sets_per_map", "context_len", "slices_per_step", "micro_batch", "eval_slices", "dim",
-                "n_layers")
-    for name in positive:
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    for name in ("n_maps", "sets_per_map", "context_len", "slices_per_step", "micro_batch", "eval_slices", "dim",
+                 "n_layers"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("steps", "warmup_steps", "eval_every", "save_every", "online_every", "grad_clip", "weight_decay",
-                 "aux_lm"):
+            raise ValueError(f"{flag(name)} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("steps", "warmup_steps", "eval_every", "save_every", "grad_clip", "weight_decay", "aux_lm",
+                 "aux_facts"):
         if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+            raise ValueError(f"{flag(name)} must be >= 0, got {getattr(cfg, name)}")
     if cfg.steps == 0 and cfg.epochs <= 0:
         raise ValueError(f"--epochs must be positive when --steps is 0, got {cfg.epochs}")
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):
         raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
-    for name, lo, hi in (("alpha", 0, 1), ("gamma", 0, 1), ("online_share", 0, 1), ("canvas_from", 0, 0.999)):
+    for name, lo, hi in (("alpha", 0, 1), ("gamma", 0, 1), ("canvas_from", 0, 0.999)):
         if not lo <= getattr(cfg, name) <= hi:
-            raise ValueError(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {getattr(cfg, name)}")
-    if not 0 <= cfg.ema < 1:
-        raise ValueError(f"--ema is the average's decay per step: give a number in [0, 1) (0: off), got {cfg.ema}")
+            raise ValueError(f"{flag(name)} must be in [{lo}, {hi}], got {getattr(cfg, name)}")
     if cfg.preset == "cpu" and cfg.dim % 32:
         raise ValueError(f"--dim {cfg.dim}: the cpu model's heads are 32 wide, give a multiple of 32")
     if cfg.preset == "llama3.1-8b" and not cfg.model_dir:
@@ -155,9 +154,9 @@ def check_config(cfg: TrainConfig):
     if cfg.format == "compact" and cfg.preset != "cpu":
         raise ValueError(f"--format compact needs the cpu preset's own vocabulary; {cfg.preset} writes the paper's "
                          f"text with its base model's tokenizer: drop --format or use --preset cpu")
-    if (cfg.canvas or cfg.facts_tokens) and cfg.format != "compact":
-        raise ValueError("--canvas and --facts-tokens are pieces of the compact format: add --no-canvas "
-                         "--no-facts-tokens for --format paper")
+    if (cfg.canvas or cfg.recap or cfg.aux_facts) and cfg.format != "compact":
+        raise ValueError("--canvas, --recap and --aux-facts are pieces of the compact format: add --no-canvas "
+                         "--no-recap --aux-facts 0 for --format paper")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.slices_per_step % (cfg.micro_batch * world):
         raise ValueError(f"--slices-per-step {cfg.slices_per_step} must be a multiple of --micro-batch "
@@ -166,255 +165,297 @@ def check_config(cfg: TrainConfig):
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a directory")
     if cfg.preset != "cpu":
+        from llama import ModelArgs
         hf = json.loads((policy.base_model_dir(cfg) / "config.json").read_text())  # cheap: no weights loaded yet
-        if cfg.context_len > llama.ModelArgs.from_hf_config(hf).max_seq_len:
+        if cfg.context_len > ModelArgs.from_hf_config(hf).max_seq_len:
             raise ValueError(f"--context-len {cfg.context_len} is longer than the base model's positions")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The data of a step
+
+
+@dataclass
+class Slices:
+    """The packed training slices of both canvas stages and this rank's held-out slices."""
+    train: list            # every set at a random canvas offset (or no canvas)
+    first_stage: list      # the canvas curriculum's first stage: every set at the canvas origin (else = train)
+    canvas_start: int      # the first step of the second stage (0: one stage)
+    heldout: list
+    total_steps: int
+
+    def of_step(self, cfg, step: int) -> list:
+        """The step's slices: the global order is a fresh seeded permutation of the stage's slices per epoch."""
+        pool = self.first_stage if step < self.canvas_start else self.train
+        return [pool[epoch_order(cfg.seed, epoch, len(pool))[i]]
+                for epoch, i in (divmod(g, len(pool)) for g in range(step * cfg.slices_per_step,
+                                                                     (step + 1) * cfg.slices_per_step))]
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    order = list(range(n))
+    random.Random(f"{seed}/epoch{epoch}").shuffle(order)
+    return order
+
+
+def pack_data(cfg, fmt, rank: int, world: int) -> Slices:
+    pack = lambda sets: dqn.pack_slices(sets, fmt, cfg.context_len, random.Random(cfg.seed))  # noqa: E731
+    train = pack(data.load_episode_sets(cfg, "train"))
+    heldout = pack(data.load_episode_sets(cfg, "heldout"))[:cfg.eval_slices][rank::world]  # sets at the origin
+    total = cfg.steps or max(1, int(cfg.epochs * len(train) // cfg.slices_per_step))
+    canvas_start = min(round(cfg.canvas_from * total), total - 1) if cfg.canvas and cfg.canvas_from else 0
+    first = pack(data.load_episode_sets(cfg, "train", canvas_origin=True)) if canvas_start else train
+    return Slices(train, first, canvas_start, heldout, total)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The loss
+
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     """Linear warmup to cfg.lr over warmup_steps, then constant (the paper's schedule)."""
     return cfg.lr * (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else cfg.lr
 
 
-def td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, autocast):
-    """Eq. 6-7 on one collated batch -> (TD loss, next-token loss or None). With --aux-lm one forward gives the
-    logits at every position, and the Q-values are read from them."""
-    aux = None
-    with autocast():
-        if cfg.aux_lm > 0:
-            logits = model(batch["tokens"], adapter=adapter)                                       # (B, T, V)
-            at = batch["q_positions"][..., None].expand(-1, -1, logits.shape[-1])                  # (B, P, V)
-            q_online = logits.gather(1, at)[..., action_ids].float()                               # (B, P, 4)
-            aux = dqn.next_token_loss(logits, batch)
-        else:
-            q_online = dqn.q_values(model, batch["tokens"], batch["q_positions"], action_ids, adapter)  # (B, P, 4)
+@dataclass
+class Networks:
+    """θ (the model, or a frozen base and its IA3 adapter) and the target network φ, with the format's ids."""
+    model: torch.nn.Module
+    adapter: object
+    target: torch.nn.Module
+    target_adapter: object
+    action_ids: torch.Tensor       # (4,) vocabulary rows of the action words: the Q-values
+    ids: dict | None               # the compact format's special tokens (the facts target's rows)
+    autocast: object = contextlib.nullcontext  # bf16 autocast for the IA3 presets on CUDA
+
+
+def online_q(nets: Networks, batch, cfg) -> tuple[torch.Tensor, dict]:
+    """Q_θ at the action positions (B, P, 4) and the cpu preset's auxiliary losses: with them, one forward gives the
+    logits at every position and Q is read from those."""
+    if not (cfg.aux_lm or cfg.aux_facts):
+        return dqn.q_values(nets.model, batch["tokens"], batch["q_positions"], nets.action_ids, nets.adapter), {}
+    logits = nets.model(batch["tokens"], adapter=nets.adapter)                                  # (B, T, V)
+    at = batch["q_positions"][..., None].expand(-1, -1, logits.shape[-1])                      # (B, P, V)
+    aux = {"next_token_loss": compact.next_token_loss(logits, batch)}
+    if cfg.aux_facts:
+        aux["facts_loss"] = compact.facts_loss(logits, batch, nets.ids)
+    return logits.gather(1, at)[..., nets.action_ids].float(), aux
+
+
+def td_loss_on(batch, nets: Networks, cfg) -> tuple[torch.Tensor, dict]:
+    """Eq. 6-7 on one collated batch -> (TD loss, the auxiliary losses by name)."""
+    with nets.autocast():
+        q, aux = online_q(nets, batch, cfg)                                                    # (B, P, 4) Q_θ
         with torch.no_grad():
-            q_target = dqn.q_values(target, batch["tokens"], batch["q_positions"], action_ids, target_adapter)
-    targets = dqn.bellman_targets(q_online, q_target, batch, cfg.gamma, cfg.reward_scale)  # Eq. 6, (B, P)
-    return dqn.td_loss(q_online, targets, batch), aux                                        # Eq. 7
+            q_target = dqn.q_values(nets.target, batch["tokens"], batch["q_positions"], nets.action_ids,
+                                    nets.target_adapter)                                       # (B, P, 4) Q_φ
+    y = dqn.bellman_targets(q, q_target, batch, cfg.gamma, cfg.reward_scale)  # Eq. 6: γ·Q_φ(h', argmax Q_θ(h')), 30·R
+    return dqn.td_loss(q, y, batch), aux                                      # Eq. 7: mean (Q_θ(h, a) − y)²
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The loop
 
+
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM: the run saved its last finished step and stopped."""
 
 
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Runs (or resumes) training; returns the run dir. Raises FloatingPointError when the weights or gradients stop
     being finite (nothing non-finite is saved), Interrupted after saving on Ctrl-C / SIGTERM."""
     check_config(cfg)
-    run_dir = Path(cfg.out or f"runs/{cfg.preset}")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    device = policy.resolve_device(cfg.device)
+    run_dir, (rank, world, device) = Path(cfg.out or f"runs/{cfg.preset}"), start_processes(cfg)
+    resume_from = prepare_run(cfg, run_dir, rank, world)
+    nets, tokenizer, identity = build_networks(cfg, device, resume_from)
+    fmt = policy.trajectory_format(cfg, tokenizer)
+    slices = pack_data(cfg, fmt, rank, world)
+    theta = list((nets.adapter or nets.model).parameters())
+    phi = list((nets.target_adapter or nets.target).parameters())
+    optimizer = torch.optim.AdamW([p for p in theta if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  foreach=True)
+    step = checkpoint.restore(resume_from, optimizer, device)["step"] if resume_from else 0
+    collate = functools.partial(collate_on, cfg=cfg, pad_id=fmt.eos[0], ids=nets.ids, device=device)
+    heldout = lambda: heldout_loss(slices.heldout, collate, nets, cfg, world, device)  # noqa: E731
+    save = functools.partial(save_checkpoint, cfg, run_dir, nets, tokenizer, optimizer, identity, rank, world)
+    log = metrics_log(run_dir, step, rank, cfg.resume)
+    if rank == 0:
+        print(f"[train] {cfg.preset}: {len(slices.train)} slices of <= {cfg.context_len} tokens, "
+              f"{slices.total_steps} steps x {cfg.slices_per_step} slices, {sum(p.numel() for p in theta):,} "
+              f"trainable parameters, device {device}, world {world}"
+              + (f", resuming at step {step}" if resume_from else ""), file=sys.stderr)
+    if step == 0 and cfg.eval_every:  # the untrained model's held-out loss: what "the loss falls" is against
+        log({"step": 0, "heldout_loss": finite(heldout(), "held-out loss {} before training: the initial weights "
+                                               "are not finite", run_dir, with_last=False)})
+    from tqdm import tqdm
+    bar = tqdm(total=slices.total_steps, initial=step, disable=True if rank or not progress else None)
+    with bar, checkpoint.stop_requests() as stop:
+        while step < slices.total_steps and not stop.requested(world, device):
+            t0, lr = time.perf_counter(), learning_rate(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            mine = slices.of_step(cfg, step)[rank::world]
+            optimizer.zero_grad(set_to_none=False)
+            sums = torch.zeros(3, device=device)  # the step's TD loss, next-token loss, facts loss
+            for i in range(0, len(mine), cfg.micro_batch):
+                batch = collate(mine[i:i + cfg.micro_batch])
+                loss, aux = td_loss_on(batch, nets, cfg)                                        # Eq. 6-7
+                losses = torch.stack([loss, *(aux.get(k, loss.new_zeros(())) for k in AUX)])
+                weights = torch.tensor([1.0, cfg.aux_lm, cfg.aux_facts], device=device)
+                share = len(batch["tokens"]) / cfg.slices_per_step  # the mean over the whole step's slices
+                ((losses * weights).sum() * share).backward()
+                sums += losses.detach().float() * share
+            norm = sum_and_clip(theta, sums, cfg, world)
+            optimizer_step(optimizer, nets, sums[0].item(), norm, lr, step + 1, run_dir)
+            dqn.polyak_update(phi, theta, cfg.alpha)                                            # Eq. 8
+            step += 1
+            record = {"step": step, "loss": sums[0].item(), "lr": lr, "time": time.time(),
+                      "tokens_per_s": sum(len(s.tokens) for s in mine) * world / (time.perf_counter() - t0),
+                      **{k: v for k, v, w in zip(AUX, sums[1:].tolist(), (cfg.aux_lm, cfg.aux_facts)) if w}}
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == slices.total_steps:
+                record["heldout_loss"] = finite(heldout(), f"held-out loss {{}} at step {step}", run_dir)
+            log(record)
+            bar.set_postfix(loss=f"{record['loss']:.3g}", lr=f"{lr:.2g}")
+            bar.update(1)
+            if cfg.save_every and step % cfg.save_every == 0 and step < slices.total_steps:
+                save(step)
+    final = save(step)
+    if rank == 0:
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", slices.canvas_start)
+        print(f"[train] step {step}: checkpoint {final}", file=sys.stderr)
+    if stop.received is not None:
+        raise Interrupted(f"interrupted ({stop.received.name}): saved step {step} in {final}; "
+                          f"continue with --resume --out {run_dir}")
+    return run_dir
+
+
+AUX = ("next_token_loss", "facts_loss")  # the cpu preset's auxiliary losses, weighted by --aux-lm and --aux-facts
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop's pieces: processes, the run dir, the networks, batches, the guarded update, the log
+
+
+def start_processes(cfg) -> tuple[int, int, torch.device]:
+    """-> (rank, world size, device); under torchrun joins the process group (NCCL on GPUs, else gloo)."""
+    world, device = int(os.environ.get("WORLD_SIZE", 1)), policy.resolve_device(cfg.device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 model, TF32 matmuls
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def prepare_run(cfg, run_dir: Path, rank: int, world: int) -> Path | None:
+    """Rank 0 readies the run dir and generates the data cache, the others wait; -> the checkpoint to resume."""
     if rank == 0:
         checkpoint.prepare_run_dir(run_dir, cfg.resume, cfg.overwrite)
-        data.load_episode_sets(cfg, "train"), data.load_episode_sets(cfg, "heldout")  # generate the cache once
+        data.load_episode_sets(cfg, "train"), data.load_episode_sets(cfg, "heldout")
     if world > 1:
         dist.barrier()
-    resume_from = checkpoint.resume_point(run_dir, policy.needed_files(cfg)) if cfg.resume else None
+    return checkpoint.resume_point(run_dir, policy.needed_files(cfg)) if cfg.resume else None
+
+
+def build_networks(cfg, device, resume_from) -> tuple[Networks, object, dict]:
+    """-> (θ and φ, the tokenizer, the identity every checkpoint records). The cpu preset trains in fp32 on any
+    device; the IA3 presets keep a frozen bf16 base on CUDA, with autocast and gradient checkpointing."""
     model, adapter, target, target_adapter, tokenizer = policy.build_policy(cfg, device, resume_from)
-    identity = policy.identity(cfg, model, tokenizer)  # what every checkpoint records (IA3: the base model)
+    identity = policy.identity(cfg, model, tokenizer)  # IA3: the base model the adapters belong to
     if resume_from is not None:
         policy.check_same_model(cfg, resume_from, identity, MODEL_FIELDS)
     fmt = policy.trajectory_format(cfg, tokenizer)
-    pad_id = fmt.eos[0]  # right padding: causal attention keeps real tokens from seeing it
-    action_ids = torch.tensor(fmt.action_ids, device=device)
+    bf16 = torch.device(device).type == "cuda" and adapter is not None
+    model.gradient_checkpointing = bf16
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    return Networks(model, adapter, target, target_adapter, torch.tensor(fmt.action_ids, device=device),
+                    getattr(fmt, "ids", None), autocast), tokenizer, identity
 
-    def packed(canvas_origin):  # (training slices, this rank's held-out slices): held-out sets sit at the origin
-        train_sets = data.load_episode_sets(cfg, "train", canvas_origin)
-        return dqn.pack_slices(train_sets, fmt, cfg.context_len, random.Random(cfg.seed)), heldout
-    heldout = dqn.pack_slices(data.load_episode_sets(cfg, "heldout"), fmt, cfg.context_len,
-                              random.Random(cfg.seed))[:cfg.eval_slices][rank::world]
-    slices, _ = packed(False)
-    total_steps = cfg.steps or max(1, int(cfg.epochs * len(slices) // cfg.slices_per_step))
-    # the canvas curriculum: the first --canvas-from of the steps with every set at the canvas origin
-    canvas_start = min(round(cfg.canvas_from * total_steps), total_steps - 1) if cfg.canvas and cfg.canvas_from else 0
-    first_stage = packed(True) if canvas_start else None
 
-    def stage(s):  # -> (training slices, held-out slices) of step s
-        return first_stage if first_stage and s < canvas_start else (slices, heldout)
+def collate_on(slices, cfg, pad_id, ids, device) -> dict:
+    """dqn.collate on the device (right padding with the end-of-text id: causal attention keeps real tokens from
+    seeing it); with --aux-facts also the facts targets of its action slots."""
+    batch = dqn.collate(slices, pad_id)
+    if cfg.aux_facts:
+        batch["facts"] = compact.facts_targets(slices, ids)
+    return {k: v.to(device) for k, v in batch.items()}
 
-    trainable = [p for p in (adapter or model).parameters() if p.requires_grad]
-    online_params = list((adapter or model).parameters())
-    target_params = list((target_adapter or target).parameters())
-    ema = policy.ema_weights(model, adapter, resume_from, device) if cfg.ema else None
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-    step, online_sets = 0, []  # online_sets: per kept round (step, its episode sets), newest last
-    if resume_from is not None:  # the optimizer, the RNGs, the step and the online rounds, as they were saved
-        state = checkpoint.restore(resume_from, optimizer, device)
-        step, online_sets = state["step"], state["online_sets"]
-    on_cuda = device.type == "cuda"
-    model.gradient_checkpointing = on_cuda
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else contextlib.nullcontext
 
-    def step_slices(s):  # the global slice order: a fresh permutation of all slices per epoch, seeded
-        out, pool = [], stage(s)[0]
-        for g in range(s * cfg.slices_per_step, (s + 1) * cfg.slices_per_step):
-            epoch, i = divmod(g, len(pool))
-            order = list(range(len(pool)))
-            random.Random(f"{cfg.seed}/epoch{epoch}").shuffle(order)
-            out.append(pool[order[i]])
-        if online_pool:  # the last share of the step's slices come from the model's own episodes instead
-            n = round(cfg.online_share * cfg.slices_per_step)
-            out[len(out) - n:] = random.Random(f"{cfg.seed}/online-pick{s}").choices(online_pool, k=n)
-        return out
-
-    def pack_online():  # the kept rounds' episodes, on the canvas at random offsets in the canvas stage
-        return [sl for s, sets in online_sets
-                for sl in dqn.pack_slices(data.online_sets_placed(cfg, s, sets, cfg.canvas and step >= canvas_start),
-                                          fmt, cfg.context_len, random.Random(f"{cfg.seed}/online{s}"))]
-    online_pool = pack_online()
-
-    def heldout_loss():
-        with torch.no_grad():
-            total = torch.zeros(2, device=device)  # (sum of losses, count)
-            for s in stage(step)[1]:
-                batch = {k: v.to(device) for k, v in dqn.collate([s], pad_id).items()}
-                loss, _ = td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, autocast)
-                total += torch.stack([loss.float(), torch.ones((), device=device)])
-            if world > 1:
-                dist.all_reduce(total)
-        return (total[0] / total[1].clamp(min=1)).item()
-
-    def save():  # rank 0 writes, the others wait so that no rank runs ahead of a checkpoint
-        if rank == 0:
-            if not checkpoint.all_finite([adapter or model, target_adapter or target, ema]):
-                raise FloatingPointError(f"weights are not finite at step {step}; not saved. {last_good()}")
-
-            write = functools.partial(policy.save_weights, cfg, model, adapter, target, target_adapter, ema, tokenizer)
-            checkpoint.save(run_dir, step, asdict(cfg), write, optimizer, {"step": step, "online_sets": online_sets},
-                            identity)
+def heldout_loss(heldout, collate, nets, cfg, world, device) -> float:
+    with torch.no_grad():
+        total = torch.zeros(2, device=device)  # (sum of losses, count)
+        for s in heldout:
+            loss, _ = td_loss_on(collate([s]), nets, cfg)
+            total += torch.stack([loss.float(), torch.ones((), device=device)])
         if world > 1:
-            dist.barrier()
-        return run_dir / "checkpoints" / f"step_{step:06d}"
+            dist.all_reduce(total)
+    return (total[0] / total[1].clamp(min=1)).item()
 
-    def last_good():
-        last = checkpoint.latest_checkpoint(run_dir)
-        return (f"The last checkpoint, {last}, is finite: lower --lr or set --grad-clip, then --resume."
-                if last else "No checkpoint yet: lower --lr or set --grad-clip and start again.")
 
-    metrics_file = run_dir / "metrics.jsonl"
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        old = metrics_file.read_text().splitlines() if cfg.resume and metrics_file.exists() else []
-        llama.atomic_write_text(metrics_file, "".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
-        print(f"[train] {cfg.preset}: {len(slices)} slices of <= {cfg.context_len} tokens, {total_steps} steps x "
-              f"{cfg.slices_per_step} slices, {sum(p.numel() for p in trainable):,} trainable parameters, device "
-              f"{device}, world {world}" + (f", resuming at step {step}" if resume_from else ""), file=sys.stderr)
+def sum_and_clip(params, sums, cfg, world) -> float:
+    """Sums every rank's gradients (each already carries its 1/slices_per_step share) and the step's losses; clips
+    the gradient norm to --grad-clip (0: off) -> the norm before clipping."""
+    trainable = [p for p in params if p.requires_grad]
+    if world > 1:
+        for p in trainable:
+            dist.all_reduce(p.grad)
+        dist.all_reduce(sums)
+    return torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf).item()
 
-    stop = {"signal": None}  # Ctrl-C / SIGTERM: finish the step, save, exit (a second Ctrl-C interrupts at once)
 
-    def on_signal(signum, frame):
-        if stop["signal"] == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
-
-    from tqdm import tqdm
-    bar = tqdm(total=total_steps, initial=step, disable=True if rank else None, dynamic_ncols=True)
-    per_rank = cfg.slices_per_step // world
+def optimizer_step(optimizer, nets, loss: float, norm: float, lr: float, step: int, run_dir: Path):
+    """optimizer.step(), guarded: nothing non-finite goes into the weights or, later, a checkpoint."""
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise FloatingPointError(f"loss {loss}, gradient norm {norm} at step {step}; stopped before the update. "
+                                 f"{last_good(run_dir)}")
     try:
-        with metrics_file.open("a") if rank == 0 else contextlib.nullcontext() as log:
-            if step == 0 and cfg.eval_every:  # the untrained model's held-out loss: what "the loss falls" is against
-                record = {"step": 0, "heldout_loss": heldout_loss(), "time": time.time()}
-                if not math.isfinite(record["heldout_loss"]):
-                    raise FloatingPointError(f"held-out loss {record['heldout_loss']} before training: the "
-                                             f"initial weights are not finite")
-                if rank == 0:
-                    log.write(json.dumps(record) + "\n")
-            while step < total_steps:
-                if cfg.online_every and step % cfg.online_every == 0 and step > 0:
-                    t_play, maps = time.perf_counter(), data.online_round_maps(cfg, step)
-                    online_sets.append((step, rollout.play_maps(model, adapter, fmt, maps, cfg.context_len, step)))
-                    del online_sets[:-data.ONLINE_KEEP]
-                    online_pool = pack_online()
-                    won = [e.rewards[-1] for eps in online_sets[-1][1] for e in eps[20:]]
-                    if rank == 0:
-                        log.write(json.dumps({"step": step, "online_greedy_success": sum(won) / max(len(won), 1),
-                                              "online_seconds": time.perf_counter() - t_play}) + "\n")
-                elif online_pool and cfg.canvas and step == canvas_start:  # the kept rounds move on the canvas too
-                    online_pool = pack_online()
-                t0, lr = time.perf_counter(), learning_rate(cfg, step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                mine = step_slices(step)[rank::world]
-                optimizer.zero_grad(set_to_none=False)
-                loss_sum, aux_sum = torch.zeros((), device=device), torch.zeros((), device=device)
-                for i in range(0, per_rank, cfg.micro_batch):
-                    batch = {k: v.to(device) for k, v in dqn.collate(mine[i:i + cfg.micro_batch], pad_id).items()}
-                    loss, aux = td_loss_on(batch, model, adapter, target, target_adapter, action_ids, cfg, autocast)
-                    share = len(mine[i:i + cfg.micro_batch]) / cfg.slices_per_step  # mean over the global step
-                    ((loss + cfg.aux_lm * aux if aux is not None else loss) * share).backward()
-                    loss_sum += loss.detach().float() * share
-                    if aux is not None:
-                        aux_sum += aux.detach().float() * share
-                tokens = torch.tensor(float(sum(len(s.tokens) for s in mine)), device=device)
-                if world > 1:  # sum the gradients of all ranks: each already carries its 1/slices_per_step share
-                    for p in trainable:
-                        dist.all_reduce(p.grad)
-                    dist.all_reduce(loss_sum), dist.all_reduce(aux_sum), dist.all_reduce(tokens)
-                norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-                if not (math.isfinite(loss_sum.item()) and math.isfinite(norm.item())):
-                    raise FloatingPointError(f"loss {loss_sum.item()}, gradient norm {norm.item()} at step {step + 1}; "
-                                             f"stopped before the update. {last_good()}")
-                try:
-                    optimizer.step()
-                except RuntimeError as e:  # AdamW's lr-scaled terms overflow float32 before any weight is written
-                    raise FloatingPointError(f"the update of step {step + 1} overflowed (lr {lr:.3g}: {e}). "
-                                             f"{last_good()}") from None
-                if not checkpoint.all_finite([adapter or model]):
-                    raise FloatingPointError(f"the update of step {step + 1} made the weights non-finite (lr {lr:.3g}). "
-                                             f"{last_good()}")
-                dqn.polyak_update(target_params, online_params, cfg.alpha)  # Eq. 8: φ ← α·θ + (1−α)·φ
-                if ema is not None:
-                    dqn.polyak_update(ema.parameters(), online_params, 1 - cfg.ema)  # θ̄ ← d·θ̄ + (1−d)·θ
-                step += 1
-                dt = time.perf_counter() - t0
-                record = {"step": step, "loss": loss_sum.item(), "lr": lr, "tokens": tokens.item(),
-                          "tokens_per_s": tokens.item() / dt, "time": time.time()}
-                if cfg.aux_lm > 0:
-                    record["next_token_loss"] = aux_sum.item()
-                if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
-                    record["heldout_loss"] = heldout_loss()
-                    if not math.isfinite(record["heldout_loss"]):
-                        raise FloatingPointError(f"held-out loss {record['heldout_loss']} at step {step}. {last_good()}")
-                bar.set_postfix(loss=f"{record['loss']:.3g}", lr=f"{lr:.2g}", tok_s=f"{record['tokens_per_s']:.0f}")
-                bar.update(1)
-                if rank == 0:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                    save()
-                requested = torch.tensor(float(stop["signal"] is not None), device=device)
-                if world > 1:  # every rank stops at the same step boundary
-                    dist.all_reduce(requested, op=dist.ReduceOp.MAX)
-                if requested.item():
-                    break
-    except KeyboardInterrupt:  # a second Ctrl-C, mid-step: the weights are still those of the last finished step
-        stop["signal"] = signal.SIGINT
-    finally:
-        bar.close()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    final = save()
+        optimizer.step()
+    except RuntimeError as e:  # AdamW's lr-scaled terms overflow float32 before any weight is written
+        raise FloatingPointError(f"the update of step {step} overflowed (lr {lr:.3g}: {e}). {last_good(run_dir)}")
+    if not checkpoint.all_finite([nets.adapter or nets.model]):
+        raise FloatingPointError(f"the update of step {step} made the weights non-finite (lr {lr:.3g}). "
+                                 f"{last_good(run_dir)}")
+
+
+def finite(value: float, message: str, run_dir: Path, with_last=True) -> float:
+    if not math.isfinite(value):
+        raise FloatingPointError(message.format(value) + (f". {last_good(run_dir)}" if with_last else ""))
+    return value
+
+
+def last_good(run_dir: Path) -> str:
+    last = checkpoint.latest_checkpoint(run_dir)
+    return (f"The last checkpoint, {last}, is finite: lower --lr or set --grad-clip, then --resume."
+            if last else "No checkpoint yet: lower --lr or set --grad-clip and start again.")
+
+
+def save_checkpoint(cfg, run_dir, nets, tokenizer, optimizer, identity, rank, world, step) -> Path:
+    """Rank 0 writes (never a non-finite weight), the others wait so that no rank runs ahead of a checkpoint."""
     if rank == 0:
-        plot_losses(metrics_file, run_dir / "loss.png", canvas_start)
-        print(f"[train] step {step}: checkpoint {final}", file=sys.stderr)
-    if stop["signal"] is not None:
-        raise Interrupted(f"interrupted ({signal.Signals(stop['signal']).name}): saved step {step} in {final}; "
-                          f"continue with --resume --out {run_dir}")
-    return run_dir
+        if not checkpoint.all_finite([nets.adapter or nets.model, nets.target_adapter or nets.target]):
+            raise FloatingPointError(f"weights are not finite at step {step}; not saved. {last_good(run_dir)}")
+        write = functools.partial(policy.save_weights, cfg, nets.model, nets.adapter, nets.target,
+                                  nets.target_adapter, tokenizer)
+        checkpoint.save(run_dir, step, asdict(cfg), write, optimizer, {"step": step}, identity)
+    if world > 1:
+        dist.barrier()
+    return run_dir / "checkpoints" / f"step_{step:06d}"
+
+
+def metrics_log(run_dir: Path, step: int, rank: int, resume: bool):
+    """-> log(record): one JSON line per record in RUN/metrics.jsonl (rank 0); a resumed run keeps the lines up to
+    its checkpoint's step."""
+    path = run_dir / "metrics.jsonl"
+    if rank:
+        return lambda record: None
+    old = path.read_text().splitlines() if resume and path.exists() else []
+    checkpoint.atomic_write_text(path, "".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
+
+    def log(record):
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    return log
 
 
 def plot_losses(metrics_file: Path, png: Path, canvas_start: int = 0):
@@ -432,14 +473,14 @@ def plot_losses(metrics_file: Path, png: Path, canvas_start: int = 0):
     ax.set(xlabel="optimizer step", ylabel="TD loss (Eq. 7)", yscale="log", title=png.parent.name)
     ax.legend()
     fig.tight_layout()
-    llama.atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    checkpoint.atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 
 def main(argv=None):
-    cfg, debug = parse_args(argv)
+    cfg, debug, progress = parse_args(argv)
     try:
-        train(cfg)
+        train(cfg, progress)
     except Interrupted as e:
         sys.exit(f"train.py: {e}")  # exit status 1: a half-trained run is not a finished one
     except (ValueError, OSError, FloatingPointError) as e:

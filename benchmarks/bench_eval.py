@@ -114,7 +114,7 @@ def main():
     if args.run:
         model, adapter, _, fmt = policy.load_policy(args.run, device=args.device)
         models.append((f"trained (`--run {args.run}`)", "trained", model, adapter, fmt))
-    cfg = train.make_config("cpu")  # its format, vocabulary and facts tokens, as `python train.py` builds them
+    cfg = train.make_config("cpu")  # its format (recap, canvas) and vocabulary, as `python train.py` builds them
     tokenizer = policy.small_tokenizer(cfg.format)
     model = policy.small_model(cfg, tokenizer.n_words, tokenizer.special_tokens).eval().to(args.device)
     models.append(("random weights", "random", model, None, policy.trajectory_format(cfg, tokenizer)))

@@ -47,6 +47,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import checkpoint  # noqa: E402
 import data  # noqa: E402
 import dqn  # noqa: E402
 import ia3  # noqa: E402
@@ -146,6 +147,7 @@ def bench_train(cfg, model, adapter, target_adapter, action_ids, pad_id, slices,
     adapter = adapter.copy().requires_grad_(True)  # a fresh online copy: the caller's stays as it was
     target = target_adapter.copy()
     trainable = list(adapter.parameters())
+    nets = train.Networks(model, adapter, model, target, ids, None, autocast)  # θ and φ share the frozen base
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -156,7 +158,7 @@ def bench_train(cfg, model, adapter, target_adapter, action_ids, pad_id, slices,
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=False)
             for batch, share in parts:
-                loss, _ = train.td_loss_on(batch, model, adapter, model, target, ids, cfg, autocast)
+                loss, _ = train.td_loss_on(batch, nets, cfg)
                 (loss * share).backward()
             optimizer.step()
             dqn.polyak_update(target.parameters(), trainable, cfg.alpha)
@@ -321,8 +323,8 @@ def main(argv=None):
                         "total_params": sum(p.numel() for p in model.parameters())},
               "context": cfg.context_len, "train": rows, "decode": dec}
     out = Path(a.out)
-    llama.atomic_write_text(out, json.dumps(report, indent=1))
-    llama.atomic_write_text(out.with_suffix(".md"), markdown(report))
+    checkpoint.atomic_write_text(out, json.dumps(report, indent=1))
+    checkpoint.atomic_write_text(out.with_suffix(".md"), markdown(report))
     print(markdown(report))
     best = min((t for t in rows if "error" not in t), key=lambda t: t["step_seconds"], default=None)
     if best is not None:

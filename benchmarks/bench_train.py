@@ -8,8 +8,8 @@ repeats. Rows:
   ia3   - the IA3 presets' step on the same shape: frozen base, IA3 online + target adapter
           (ours: two IA3 objects on one model; PEFT: two named adapters, switched with set_adapter).
   default - ours only: the step `python train.py` runs (train.td_loss_on: the same double-DQN targets plus the cpu
-          preset's next-token loss, gradient clipping, AdamW, the target's Polyak and the --ema average), same
-          batch. transformers has no such step to compare with; the row shows what the default's extras cost.
+          preset's next-token loss and facts target, gradient clipping, AdamW, the target's Polyak), same batch.
+          transformers has no such step to compare with; the row shows what the default's extras cost.
   gpu   - ours only: the llama3.1-8b preset's step on an 8B-shaped model (llama.ModelArgs() defaults, random bf16
           weights, fp32 IA3) at 4096 tokens, gradient checkpointing + bf16 autocast as train.py on CUDA, with MFU.
           Only on CUDA (skipped, and said so, without one).
@@ -39,8 +39,8 @@ from benchmarks.results import write_section  # noqa: E402
 
 def random_batch(cfg, vocab, n_slices, gen, every=10):
     """Slices like the real data: one Q position every `every` tokens (the paper's text: ~10; the compact format
-    with facts tokens: 3), episodes of ~8 actions. The values are random; the cost of a step depends only on the
-    shapes."""
+    with its recap: ~3), episodes of ~8 actions, and the facts target's labels (B, P, 4). The values are random;
+    the cost of a step depends only on the shapes."""
     T, slices = cfg.context_len, []
     for _ in range(n_slices):
         qp = list(range(8, T - 2, every))
@@ -50,7 +50,9 @@ def random_batch(cfg, vocab, n_slices, gen, every=10):
                                 actions=torch.randint(0, 4, (n,), generator=gen).tolist(),
                                 rewards=[float(lst) for lst in last], is_last=last,
                                 next_index=[-1 if lst else i + 1 for i, lst in enumerate(last)]))
-    return dqn.collate(slices, 0)
+    batch = dqn.collate(slices, 0)
+    batch["facts"] = torch.randint(0, 3, batch["actions"].shape + (4,), generator=gen)
+    return batch
 
 
 def our_step(model, adapter, target, target_adapter, optimizer, batch, ids, cfg, autocast=contextlib.nullcontext):
@@ -65,16 +67,16 @@ def our_step(model, adapter, target, target_adapter, optimizer, batch, ids, cfg,
     dqn.polyak_update((target_adapter or target).parameters(), (adapter or model).parameters(), cfg.alpha)
 
 
-def default_step(model, target, ema, optimizer, batch, ids, cfg):
-    """The cpu preset's step as train.train runs it, on one micro-batch."""
-    loss, aux = train.td_loss_on(batch, model, None, target, None, ids, cfg, contextlib.nullcontext)
+def default_step(nets, optimizer, batch, cfg):
+    """The cpu preset's step as train.train runs it, on one micro-batch (nets: train.Networks)."""
+    loss, aux = train.td_loss_on(batch, nets, cfg)
     optimizer.zero_grad()
-    (loss + cfg.aux_lm * aux if aux is not None else loss).backward()
+    weights = {"next_token_loss": cfg.aux_lm, "facts_loss": cfg.aux_facts}
+    (loss + sum(weights[k] * v for k, v in aux.items())).backward()
     if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(nets.model.parameters(), cfg.grad_clip)
     optimizer.step()
-    dqn.polyak_update(target.parameters(), model.parameters(), cfg.alpha)
-    dqn.polyak_update(ema.parameters(), model.parameters(), 1 - cfg.ema)
+    dqn.polyak_update(nets.target.parameters(), nets.model.parameters(), cfg.alpha)
 
 
 def hf_twin(ours):
@@ -116,27 +118,29 @@ def hf_step(model, target, optimizer, batch, ids, cfg, peft_params=None):
 
 def bench_cpu(repeats):
     cfg = train.make_config("cpu")
-    tok = policy.small_tokenizer(cfg.format)  # the cpu preset's vocabulary (compact format: 1698 tokens)
+    tok = policy.small_tokenizer(cfg.format)  # the cpu preset's vocabulary (compact format: 1710 tokens)
     ours = policy.small_model(cfg, tok.n_words)
     rows, gen = [], torch.Generator().manual_seed(0)
     batch = random_batch(cfg, tok.n_words, cfg.micro_batch, gen, every=3 if cfg.format == "compact" else 10)
-    ids = torch.tensor(policy.trajectory_format(cfg, tok).action_ids)
+    fmt = policy.trajectory_format(cfg, tok)
+    ids = torch.tensor(fmt.action_ids)
     tokens = batch["tokens"].numel()
     for kind in ("full", "ia3", "default"):
         if kind == "default":
             model = copy.deepcopy(ours)
-            target, ema = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(model).requires_grad_(False)
+            nets = train.Networks(model, None, copy.deepcopy(model).requires_grad_(False), None, ids, fmt.ids)
             opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
             times = []
             for r in range(repeats + 1):  # the first round warms up
                 t0 = time.perf_counter()
-                default_step(model, target, ema, opt, batch, ids, cfg)
+                default_step(nets, opt, batch, cfg)
                 if r:
                     times.append(time.perf_counter() - t0)
             ours_tps = tokens / statistics.median(times)
             rows.append((kind, f"{cfg.micro_batch}x{cfg.context_len}", ours_tps, None, None))
             print(f"{kind:5s} {cfg.micro_batch}x{cfg.context_len}: ours {ours_tps:7.0f} tok/s "
-                  f"(double-DQN targets, next-token loss weight {cfg.aux_lm:g}; no transformers counterpart)")
+                  f"(double-DQN targets, next-token loss weight {cfg.aux_lm:g}, facts target weight "
+                  f"{cfg.aux_facts:g}; no transformers counterpart)")
             continue
         model = copy.deepcopy(ours)
         hf = hf_twin(ours)
@@ -249,7 +253,7 @@ def main():
                  "target Q, double-DQN targets, TD loss, backward, AdamW, Polyak) of the cpu preset's shape "
                  "(d{}, {} layers, {}-token vocabulary), float32 on CPU ({} threads, {} cores), median of the repeats, "
                  "ours and transformers interleaved in one process; `default`: the step `python train.py` runs "
-                 "(the same targets plus its next-token loss, clipping, the --ema average), ours only.".format(
+                 "(the same targets plus its next-token loss and facts target, clipping), ours only.".format(
                      ours_dim, ours_layers, vocab, torch.get_num_threads(), os.cpu_count()),
                  "", "| step | batch | ours tok/s | transformers (+ PEFT) tok/s | ratio (median of paired runs) |",
                  "|---|---|---|---|---|"]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import llama  # noqa: E402
+import checkpoint  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -27,4 +27,4 @@ def write_section(heading: str, lines: list[str], path: Path = RESULTS):
         text = "\n".join(rows[:start]) + "\n" + body + ("\n" + after if after else "")
     else:
         text = text.rstrip("\n") + "\n\n" + body
-    llama.atomic_write_text(path, text)
+    checkpoint.atomic_write_text(path, text)

@@ -39,7 +39,7 @@ def steps_in(run: Path) -> list[str]:
 
 
 def assert_finite_checkpoint(ckpt: Path):
-    for name in ("model", "target", "ema"):
+    for name in ("model", "target"):
         assert all(torch.isfinite(t).all() for t in weights(ckpt, name).values()), (ckpt, name)
     state = torch.load(ckpt / "optimizer.pt")["state"]
     assert state and all(torch.isfinite(t).all() for s in state.values() for t in s.values())
@@ -167,7 +167,7 @@ def test_an_lr_that_overflows_adamw_itself_stops_in_one_line(tmp_path):
 
 def test_an_update_that_leaves_the_weights_non_finite_is_never_saved(tmp_path, monkeypatch):
     """The weights are checked right after optimizer.step: an update of step 3 that overflows stops the run there,
-    naming the step and the last checkpoint; every checkpoint on disk (weights, target, average, optimizer state) is
+    naming the step and the last checkpoint; every checkpoint on disk (weights, target, optimizer state) is
     finite."""
     calls, step = [0], torch.optim.AdamW.step
 
@@ -196,9 +196,9 @@ def test_a_nan_loss_stops_before_the_update(tmp_path, monkeypatch):
     calls, td_loss_on = [0], train.td_loss_on
     models = []
 
-    def nan_from_step_3(batch, model, *a, **kw):
-        models.append(model)
-        loss, aux = td_loss_on(batch, model, *a, **kw)
+    def nan_from_step_3(batch, nets, cfg):
+        models.append(nets.model)
+        loss, aux = td_loss_on(batch, nets, cfg)
         if torch.is_grad_enabled():  # the training micro-batches (the held-out loss runs without gradients)
             calls[0] += 1
             if calls[0] > 2 * 2:
@@ -219,14 +219,14 @@ def test_a_nan_loss_stops_before_the_update(tmp_path, monkeypatch):
 
 
 def test_a_non_finite_target_is_never_saved(tmp_path, monkeypatch):
-    """The weights are checked before every save, the target and the average too."""
+    """The weights are checked before every save, the target's too."""
     calls, polyak = [0], dqn.polyak_update
 
     def poisoned(target_params, online_params, alpha=0.1):
         target_params = list(target_params)
         polyak(target_params, online_params, alpha)
         calls[0] += 1
-        if calls[0] == 3:  # the target's update in step 2 (target, then the average, each step)
+        if calls[0] == 2:  # the target's update in step 2 (one per step)
             target_params[0].data[0, 0] = float("inf")
     monkeypatch.setattr(dqn, "polyak_update", poisoned)
     cfg = tiny(tmp_path, save_every=1, eval_every=0)
@@ -264,7 +264,7 @@ def test_a_non_finite_held_out_loss_stops_the_run(tmp_path, monkeypatch):
     ("truncate optimizer.pt", "optimizer.pt"),
     ("truncate model/tokenizer.model", "model/tokenizer.model"),
     ("change train_config.json", "train_config.json"),
-    ("remove ema", "ema/"),
+    ("remove target", "target/"),
     ("garble manifest.json", "manifest.json"),
 ])
 def test_resume_skips_a_damaged_checkpoint_and_equals_the_uninterrupted_run(tmp_path, straight, damage, named,
@@ -295,7 +295,7 @@ def test_resume_skips_a_damaged_checkpoint_and_equals_the_uninterrupted_run(tmp_
     assert not (run / "checkpoints" / ".tmp-orphan").exists()
     assert steps_in(run) == ["step_000002", "step_000004", "unreadable-step_000004"]
     a, b = straight / "checkpoints" / "step_000004", resumed / "checkpoints" / "step_000004"
-    for part in ("model", "target", "ema"):
+    for part in ("model", "target"):
         assert_same_weights(weights(a, part), weights(b, part))
     oa, ob = torch.load(a / "optimizer.pt"), torch.load(b / "optimizer.pt")
     assert all(torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"]) for i in oa["state"])
@@ -308,7 +308,7 @@ def test_resume_skips_a_damaged_checkpoint_and_equals_the_uninterrupted_run(tmp_
 def test_resume_point_and_its_errors(tmp_path, straight):
     run = copy_of(straight, tmp_path)
     needed = policy.needed_files(tiny(tmp_path))
-    assert needed == ["model", "target", "ema"]
+    assert needed == ["model", "target"]
     assert checkpoint.resume_point(run, needed) == run / "checkpoints" / "step_000004"
     for step in ("step_000002", "step_000004"):  # no checkpoint verifies: both kept aside, an error
         f = run / "checkpoints" / step / "target" / "model.safetensors"
@@ -335,28 +335,36 @@ def test_resume_point_and_its_errors(tmp_path, straight):
 
 def test_load_policy_checks_the_manifest(tmp_path, straight):
     run = copy_of(straight, tmp_path)
-    model = policy.load_policy(run)[0]
-    assert torch.equal(model.norm.weight, weights(run / "checkpoints" / "step_000004", "ema")["model.norm.weight"])
-    f = run / "checkpoints" / "step_000004" / "ema" / "model.safetensors"
+    model = policy.load_policy(run)[0]  # the target network plays
+    target = weights(run / "checkpoints" / "step_000004", "target")
+    assert torch.equal(model.norm.weight, target["model.norm.weight"])
+    f = run / "checkpoints" / "step_000004" / "target" / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-8])
-    with pytest.raises(checkpoint.CheckpointError, match="step_000004/ema/model.safetensors: changed"):
-        policy.load_policy(run)
+    for online in (False, True):  # a damaged file is refused whichever network plays
+        with pytest.raises(checkpoint.CheckpointError, match="step_000004/target/model.safetensors: changed"):
+            policy.load_policy(run, online=online)
 
 
-def test_resume_with_an_average_the_run_never_kept_is_refused(tmp_path, capsys):
-    """A run trained with --ema 0 resumed with --ema 0.99: no checkpoint has ema/, so nothing is skipped or renamed;
+def test_resume_with_weights_the_run_never_kept_is_refused(tmp_path, capsys):
+    """A cpu-preset run resumed as an IA3 preset: no checkpoint has adapter/, so nothing is skipped or renamed;
     one error naming the missing dir."""
-    cfg = tiny(tmp_path, ema=0.0, steps=2)
+    cfg = tiny(tmp_path, steps=2)
     run = train.train(cfg)
-    assert steps_in(run) == ["step_000002"] and not (run / "checkpoints" / "step_000002" / "ema").exists()
+    assert steps_in(run) == ["step_000002"] and not (run / "checkpoints" / "step_000002" / "adapter").exists()
+    tok = policy.small_tokenizer()
+    llama.save(policy.small_model(cfg, tok.n_words), tmp_path / "base")
+    tok.save(tmp_path / "base")
+    keep = ("n_maps", "sets_per_map", "context_len", "slices_per_step", "micro_batch", "data_dir", "out")
+    ia3_cfg = train.make_config("smollm2", **{k: getattr(cfg, k) for k in keep}, model_dir=str(tmp_path / "base"),
+                                steps=4, resume=True)
     before = snapshot(run)
     with pytest.raises(SystemExit) as e:
-        train.main(argv(cfg) + ["--resume", "--ema", "0.99", "--steps", "4"])
+        train.main(argv(ia3_cfg))
     message = str(e.value.code)
     assert message.startswith("train.py: error: ") and "\n" not in message
-    assert f"{run}/checkpoints/step_000002 has no ema/, which this run needs" in message
+    assert f"{run}/checkpoints/step_000002 has no adapter/, which this run needs" in message
     assert snapshot(run) == before
-    train.train(tiny(tmp_path, ema=0.0, steps=3, resume=True))  # with its own settings it continues
+    train.train(tiny(tmp_path, steps=3, resume=True))  # with its own settings it continues
     assert steps_in(run) == ["step_000002", "step_000003"]
 
 
@@ -367,6 +375,8 @@ def test_resume_of_another_model_is_refused(tmp_path, straight):
         train.train(tiny(tmp_path, dim=64, resume=True))
     with pytest.raises(ValueError, match=r"another model \(canvas: True there, False now"):
         train.train(tiny(tmp_path, canvas=False, resume=True))
+    with pytest.raises(ValueError, match=r"another model \(recap: True there, False now"):
+        train.train(tiny(tmp_path, recap=False, resume=True))
     assert snapshot(run) == before
 
 
@@ -381,12 +391,12 @@ def test_resume_of_another_model_is_refused(tmp_path, straight):
     (["--lr", "0"], "--lr must be a positive number, got 0.0"),
     (["--lr", "nan"], "--lr must be a positive number, got nan"),
     (["--alpha", "2"], r"--alpha must be in \[0, 1\], got 2.0"),
-    (["--ema", "1"], r"--ema is the average's decay per step: give a number in \[0, 1\) \(0: off\), got 1.0"),
-    (["--online-share", "1.5"], r"--online-share must be in \[0, 1\], got 1.5"),
+    (["--aux-facts", "-1"], "--aux-facts must be >= 0, got -1.0"),
     (["--canvas-from", "1"], r"--canvas-from must be in \[0, 0.999\], got 1.0"),
     (["--steps", "0", "--epochs", "0"], "--epochs must be positive when --steps is 0, got 0.0"),
     (["--slices-per-step", "6", "--micro-batch", "4"], "--slices-per-step 6 must be a multiple of --micro-batch 4"),
-    (["--format", "paper"], "--canvas and --facts-tokens are pieces of the compact format"),
+    (["--format", "paper"], "--canvas, --recap and --aux-facts are pieces of the compact format: add --no-canvas "
+                            "--no-recap --aux-facts 0 for --format paper"),
     (["--model-dir", "x"], "--model-dir is for the IA3 presets"),
     (["--preset", "llama3.1-8b"], "preset llama3.1-8b needs --model-dir"),
     (["--preset", "smollm2", "--format", "compact"], "--format compact needs the cpu preset's own vocabulary"),
@@ -466,3 +476,19 @@ def test_sigterm_saves_the_step_and_exits_non_zero(tmp_path):
     state = torch.load(run / "checkpoints" / f"step_{last:06d}" / "trainer_state.pt", weights_only=False)
     assert state["step"] == last
     assert checkpoint.resume_point(run, policy.needed_files(cfg)) == run / "checkpoints" / f"step_{last:06d}"
+
+
+def test_the_base_model_fingerprint_is_the_same_in_fp32_and_bf16_and_tells_weights_apart(tmp_path):
+    """A run trained on a GPU (bf16 weights) is evaluated on a CPU (fp32): the same file loaded both ways has one
+    fingerprint, also where its fp32 values are not bf16 numbers; a change in a hashed row changes it."""
+    torch.manual_seed(0)
+    model = llama.Transformer(llama.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_dim=64,
+                                              max_seq_len=64))
+    llama.save(model, tmp_path / "fp32")
+    fp32, bf16 = llama.load(tmp_path / "fp32"), llama.load(tmp_path / "fp32", dtype=torch.bfloat16)
+    assert fp32.tok_embeddings.weight.dtype == torch.float32 and bf16.tok_embeddings.weight.dtype == torch.bfloat16
+    assert not torch.equal(fp32.tok_embeddings.weight, bf16.tok_embeddings.weight.float())  # rounded on loading
+    assert checkpoint.weights_fingerprint(fp32) == checkpoint.weights_fingerprint(bf16)
+    with torch.no_grad():
+        fp32.layers[1].feed_forward.w2.weight[2, 5] += 0.05  # beyond bf16's rounding of it
+    assert checkpoint.weights_fingerprint(fp32) != checkpoint.weights_fingerprint(bf16)

@@ -1,6 +1,6 @@
 """data.py: the Q-learner's histories replay in the environment and improve, the quality weighting (arXiv 2501.14176,
 §3.2), the on-disk cache (deterministic, read back, regenerated when corrupted), and where the sets sit on the
-canvas: the Q-learner's and the online rounds'."""
+canvas."""
 import json
 import random
 
@@ -118,30 +118,3 @@ def test_sets_on_the_canvas(tmp_path):
     (where,) = (tmp_path / "data").glob("test-*")
     stored = json.loads((where / "episodes.json").read_text())
     assert len(test) == 50 and set(set_offsets(test, stored, frozenlake.test_maps())) == {(0, 0)}
-
-
-def test_online_sets_move_on_the_canvas_in_the_canvas_stage(tmp_path, monkeypatch):
-    """The model plays each online map at the canvas origin, as evaluate.py; in the first stage its episodes stay
-    there, in the canvas stage each map's set moves to one random offset that keeps the map on the 8x8 canvas."""
-    monkeypatch.setattr(data, "ONLINE_MAPS", 3)
-    cfg = data_config(tmp_path)
-    maps = data.online_round_maps(cfg, 250)
-    assert maps == random.Random("0/online250").sample(frozenlake.train_maps(4), 3)
-    sets = [data.q_learning_episodes(desc, 5, 0.5, 0.95, random.Random(i)) for i, desc in enumerate(maps)]
-    for desc, eps in zip(maps, sets):
-        for ep in eps:
-            ep.ncol = len(desc[0])  # as play_maps writes them
-    assert data.online_sets_placed(cfg, 250, sets, canvas_stage=False) is sets
-    placed = data.online_sets_placed(cfg, 250, sets, canvas_stage=True)
-    assert placed == data.online_sets_placed(cfg, 250, sets, canvas_stage=True)  # seeded by the round
-    moved = 0
-    for desc, eps, eps_placed in zip(maps, sets, placed):
-        rows, cols = len(desc), len(desc[0])
-        found = {(s_new // 8 - s // cols, s_new % 8 - s % cols)
-                 for ep, ep_placed in zip(eps, eps_placed) for s, s_new in zip(ep.observations, ep_placed.observations)}
-        (dr, dc), = found  # one offset for the whole set
-        assert 0 <= dr <= 8 - rows and 0 <= dc <= 8 - cols
-        assert all(ep.ncol == 8 and ep.actions == ep0.actions and ep.rewards == ep0.rewards
-                   for ep, ep0 in zip(eps_placed, eps))
-        moved += (dr, dc) != (0, 0)
-    assert moved  # 3 maps of at most 5 x 5 on an 8 x 8 canvas: at least one leaves the origin

@@ -1,4 +1,5 @@
 """dqn.py against the paper's text (decoded with Meta's real Llama 3 tokenizer), hand-computed targets and losses."""
+import collections
 import copy
 import random
 import warnings
@@ -75,12 +76,14 @@ def test_llama3_text_is_the_papers_format(llama3_tok, llama3_fmt):
 
 def test_format_pieces_compose_the_episode(llama3_fmt):
     """Evaluation builds contexts piece by piece in the documented order; it must give tokenize_episode's ids."""
-    f, ep = llama3_fmt, SUCCESS
-    built = f.episode_start() + f.observation(ep.observations[0])
-    for a, s, r in zip(ep.actions, ep.observations[1:], ep.rewards):
-        built += f.action_prompt() + f.action_word(a) + f.observation(s) + (f.reward(r) if r != 0 else [])
-    built += f.episode_end(False)
-    assert built == dqn.tokenize_episode(ep, f)[0]
+    f = llama3_fmt
+    for ep in (SUCCESS, TRUNCATED):
+        built = f.episode_start() + f.observation(ep.observations[0])
+        for a, s, r in zip(ep.actions, ep.observations[1:], ep.rewards):
+            built += f.action_prompt() + f.action_word(a) + f.observation(s) + (f.reward(r) if r != 0 else [])
+        built += f.episode_end(ep)
+        assert built == dqn.tokenize_episode(ep, f)[0]
+    assert f.episode_end(TRUNCATED) == f.block("edit", "...") + f.eos and f.episode_end(SUCCESS) == f.eos
 
 
 def test_reward_text_rounded_to_two_decimals(llama3_tok, llama3_fmt):
@@ -418,10 +421,10 @@ def test_next_token_loss_skips_q_positions_and_padding(compact_fmt):
     nll = [-logits[b, t].log_softmax(-1)[batch["tokens"][b, t + 1]]
            for b, s in enumerate((s0, s1)) for t in range(len(s.tokens) - 1) if t not in s.q_positions]
     assert len(nll) == (len(s0.tokens) - 1 - 5) + 7
-    torch.testing.assert_close(dqn.next_token_loss(logits, batch), torch.stack(nll).mean())
+    torch.testing.assert_close(compact.next_token_loss(logits, batch), torch.stack(nll).mean())
     # the Q positions' logits (the Q-values) do not reach it
     logits.requires_grad_(True)
-    dqn.next_token_loss(logits, batch).backward()
+    compact.next_token_loss(logits, batch).backward()
     assert logits.grad[1, [1, 3]].abs().sum() == 0 and logits.grad[1, 9:].abs().sum() == 0
     assert logits.grad[1, 2].abs().sum() > 0
 
@@ -433,42 +436,202 @@ def test_canvas_states_by_hand(compact_fmt):
     moved = compact.to_canvas(ep, 1, 2)
     assert moved.observations == [10, 11, 19] and moved.ncol == 8 and moved.actions == ep.actions
     assert compact.to_canvas(moved).observations == moved.observations  # already on the canvas: unchanged
+    at_origin = compact.to_canvas(ep)  # tile (1, 1) of the 3-wide map is 1·8 + 1
+    assert at_origin.observations == [0, 1, 9] and at_origin.ncol == 8 and not at_origin.truncated
+    assert [compact.canvas_state(s, 3, 1, 2) for s in ep.observations] == moved.observations
+    # the format writes the states it is given: the callers (data.py, rollout.py) place the episodes
     canvas = compact.CompactFormat(fmt.ids, canvas=True)
-    assert dqn.tokenize_episode(ep, canvas) == dqn.tokenize_episode(Episode([0, 1, 9], [RIGHT, DOWN], [0.0, 1.0]), fmt)
+    assert dqn.tokenize_episode(at_origin, canvas) == dqn.tokenize_episode(Episode([0, 1, 9], [RIGHT, DOWN],
+                                                                                   [0.0, 1.0]), fmt)
+    assert tok.decode(dqn.tokenize_episode(moved, canvas)[0]).startswith(
+        "<|begin_of_text|><|obs_10|><|act_right|><|obs_11|><|act_down|><|obs_19|><|goal|><|end_of_text|>")
     with pytest.raises(ValueError, match="needs each episode's map width"):
-        dqn.tokenize_episode(Episode([0, 1], [RIGHT], [0.0]), canvas)
+        compact.to_canvas(Episode([0, 1], [RIGHT], [0.0]))
     with pytest.raises(ValueError, match="leaves the 8x8 canvas"):
         compact.to_canvas(ep, 0, 6)
     with pytest.raises(ValueError, match="leaves the 8x8 canvas"):
         compact.to_canvas(Episode([0, 7], [DOWN], [0.0], ncol=1), 1, 0)
 
 
-def test_facts_tokens_by_hand(compact_fmt):
-    """--facts-tokens: after each observation one token naming what the context shows about the state's 4 moves
-    (0 untried, 1 dead end, 2 open), the Q position; the first episode of a slice starts from an empty context."""
+# A 4-wide map. FIRST: 0 -right-> 1 -left-> 0 -up-> 0 (the edge) -down-> 4 (a hole);
+# SECOND: 0 -right-> 1 -down-> 5 (the goal); CUT (the step limit): 0 -left-> 0 (the edge) -right-> 1 -right-> 2;
+# LAST: 1 -right-> 2 -left-> 1 -up-> 1 (the edge) -down-> 5 (the goal)
+FIRST = Episode([0, 1, 0, 0, 4], [RIGHT, LEFT, UP, DOWN], [0.0, 0.0, 0.0, 0.0], False)
+SECOND = Episode([0, 1, 5], [RIGHT, DOWN], [0.0, 1.0], False)
+CUT = Episode([0, 0, 1, 2], [LEFT, RIGHT, RIGHT], [0.0, 0.0, 0.0], True)
+LAST = Episode([1, 2, 1, 1, 5], [RIGHT, LEFT, UP, DOWN], [0.0, 0.0, 0.0, 1.0], False)
+# what the context before each action shows about its state's [left, down, right, up]: 0 untried, 1 dead end, 2 open
+HAND_FACTS = [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 2, 0], [0, 0, 2, 1],  # FIRST: its own earlier steps count
+              [0, 1, 2, 1], [2, 0, 0, 0],                              # SECOND: down from 0 is the hole, up the edge
+              [0, 1, 2, 1], [1, 1, 2, 1], [2, 2, 0, 0],                # CUT: down from 1 entered the goal: open
+              [2, 2, 2, 0], [0, 0, 0, 0], [2, 2, 2, 0], [2, 2, 2, 1]]  # LAST: 1 -right-> 2 was cut, not a hole
+
+
+def test_context_facts_by_hand(compact_fmt):
+    """The facts target: for each action of a compact slice, what the slice's earlier episodes and the episode's
+    earlier steps show about the state's 4 moves (a hole and a bump into the edge are dead ends, a move into the
+    goal or another tile open, a truncated episode's last state no hole); the recap tokens change nothing."""
     tok, fmt = compact_fmt
-    facts_fmt = compact.CompactFormat(fmt.ids, facts=True)
+    for recap in (True, False):
+        f = compact.CompactFormat(fmt.ids, recap=recap)
+        (sl,) = dqn.pack_slices([[FIRST], [SECOND], [CUT], [LAST]], f, 1024, random.Random(0))
+        assert sl.actions == FIRST.actions + SECOND.actions + CUT.actions + LAST.actions
+        assert compact.context_facts(sl.tokens, fmt.ids) == HAND_FACTS
+    # a slice starts from an empty context: the same four episodes in slices too short for two of them
+    slices = dqn.pack_slices([[FIRST], [SECOND], [CUT], [LAST]], fmt, 20, random.Random(0))
+    assert len(slices) == 4
+    assert [compact.context_facts(s.tokens, fmt.ids) for s in slices] == [
+        HAND_FACTS[:4], [[0, 0, 0, 0], [0, 0, 0, 0]], [[0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]],
+        [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 2, 0], [0, 0, 2, 1]]]
 
-    def fact(f):  # [left, down, right, up]
-        return fmt.ids[f"<|reserved_special_token_{22 + 27 * f[0] + 9 * f[1] + 3 * f[2] + f[3]}|>"]
 
-    # a 4-wide map: 0 -right-> 1 -left-> 0 -up-> 0 (the edge) -down-> 4 (a hole)
-    first = Episode([0, 1, 0, 0, 4], [RIGHT, LEFT, UP, DOWN], [0, 0, 0, 0], False)
-    # then 0 -right-> 1 -down-> 5 (the goal)
-    second = Episode([0, 1, 5], [RIGHT, DOWN], [0, 1.0], False)
-    tokens, q = dqn.tokenize_episode(first, facts_fmt)
-    plain, plain_q = dqn.tokenize_episode(first, fmt)
-    assert len(tokens) == len(plain) + 4 and [p - i - 1 for i, p in enumerate(q)] == plain_q  # one more per step
-    assert [tokens[p] for p in q] == [fact([0, 0, 0, 0]), fact([0, 0, 0, 0]), fact([0, 0, 2, 0]),
-                                      fact([0, 0, 2, 1])]  # 0's right is open (to 1), then its up is the edge
-    assert [tokens[p - 1] for p in q] == [fmt.ids[f"<|obs_{s}|>"] for s in (0, 1, 0, 0)]
-    assert [tokens[p + 1] for p in q] == [fmt.action_ids[a] for a in first.actions]
-    # in one slice (sets keep their order) the second episode reads the first: at 0, down is a hole and up the edge;
-    # at 1, left is open
-    (sl,) = dqn.pack_slices([[first], [second]], facts_fmt, 1024, random.Random(0))
-    assert sl.tokens[sl.q_positions[4]] == fact([0, 1, 2, 1]) and sl.tokens[sl.q_positions[5]] == fact([2, 0, 0, 0])
-    # a new slice forgets: the same two episodes in slices too short for both
-    slices = dqn.pack_slices([[first], [second]], facts_fmt, 20, random.Random(0))
-    assert len(slices) == 2 and slices[1].tokens[slices[1].q_positions[0]] == fact([0, 0, 0, 0])
-    with pytest.raises(ValueError, match="needs the state's facts"):
-        facts_fmt.action_prompt()
+def test_context_facts_replay_the_slices_episodes(compact_fmt):
+    """On random episodes in slices of several episodes: the facts read from the tokens alone are those of the
+    slice's episodes, before each step, learned step by step into planner.ContextModel from the Episode objects."""
+    import planner
+    tok, fmt = compact_fmt
+    rng = random.Random(5)
+    episodes = [random_episode(rng) for _ in range(40)]
+    slices = dqn.pack_slices([[ep] for ep in episodes], fmt, 200, random.Random(0))  # sets of one keep the order
+    assert len(slices) > 3
+    rest = iter(episodes)
+    for sl in slices:
+        lake, expected = planner.ContextModel(), []
+        while len(expected) < len(sl.actions):
+            ep = next(rest)
+            for t, (s, a) in enumerate(zip(ep.observations, ep.actions)):
+                expected.append(lake.facts(s))
+                last = t == len(ep.actions) - 1
+                lake.learn(s, a, ep.observations[t + 1], last and not ep.truncated, ep.rewards[t])
+        assert compact.context_facts(sl.tokens, fmt.ids) == expected
+    assert next(rest, None) is None
+    assert {v for sl in slices for f in compact.context_facts(sl.tokens, fmt.ids) for v in f} == {0, 1, 2}
+
+
+def test_facts_loss_by_hand(compact_fmt):
+    """facts_loss: at each real action slot, for each of the 4 moves the cross-entropy of the context's fact over
+    that move's 3 LM-head rows <|fact_W_untried|>, <|fact_W_dead_end|>, <|fact_W_open|>; the mean over the 4 moves,
+    then over the real slots. Only those 12 rows at the Q positions get a gradient."""
+    import math
+    tok, fmt = compact_fmt
+    (hand,) = dqn.pack_slices([[FIRST], [SECOND], [CUT], [LAST]], fmt, 1024, random.Random(0))
+    cut = dqn.pack_slices([[CUT]], fmt, 1024, random.Random(0))[0]
+    batch = dqn.collate([hand, cut], pad_id=fmt.eos[0])
+    batch["facts"] = compact.facts_targets([hand, cut], fmt.ids)
+    cut_facts = [[0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+    assert batch["facts"].tolist() == [HAND_FACTS, cut_facts + [[0, 0, 0, 0]] * 10]  # padded slots: 0, masked out
+    rows = [[fmt.ids[f"<|fact_{w}_{f}|>"] for f in ("untried", "dead_end", "open")] for w in dqn.ACTION_WORDS]
+    flat = [r for move in rows for r in move]
+    assert len(set(flat)) == 12 and not set(flat) & set(fmt.action_ids) and max(flat) < tok.n_words
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(2, batch["tokens"].shape[1], tok.n_words)).requires_grad_(True)
+    per_slot = []
+    for b, (sl, facts) in enumerate(((hand, HAND_FACTS), (cut, cut_facts))):
+        for p, fact in zip(sl.q_positions, facts):
+            nll = 0.0
+            for move in range(4):
+                z = [logits[b, p, r].item() for r in rows[move]]
+                nll += math.log(sum(math.exp(v) for v in z)) - z[fact[move]]
+            per_slot.append(nll / 4)
+    assert len(per_slot) == 16
+    loss = compact.facts_loss(logits, batch, fmt.ids)
+    torch.testing.assert_close(loss, torch.tensor(sum(per_slot) / 16), rtol=1e-5, atol=1e-5)
+    loss.backward()
+    got = logits.grad.abs() > 0
+    expected = torch.zeros_like(got)
+    for b, sl in enumerate((hand, cut)):
+        expected[b, torch.tensor(sl.q_positions)[:, None], torch.tensor(flat)] = True
+    assert torch.equal(got, expected)
+
+
+def test_no_token_of_an_episode_depends_on_another_episodes_steps():
+    """The cpu preset's format (recap and canvas): packed episodes are each exactly tokenize_episode of the episode
+    alone, and ModelPolicy's live context at every Q position is the finished episodes' texts, each written alone,
+    then the training text of the unfinished one up to that Q position."""
+    import frozenlake
+    import rollout
+    import train
+    cfg = train.make_config("cpu")
+    tok = policy.small_tokenizer(cfg.format)
+    fmt = policy.trajectory_format(cfg, tok)
+    assert fmt.recap and fmt.canvas
+    rng = random.Random(2)
+    written = []
+    for _ in range(30):
+        ep = random_episode(rng)
+        ep.ncol = 5
+        written.append(compact.to_canvas(ep, rng.randrange(4), rng.randrange(4)))
+    alone = [dqn.tokenize_episode(ep, fmt) for ep in written]
+    slices = dqn.pack_slices([[ep] for ep in written], fmt, 160, random.Random(0))
+    assert len(slices) > 3
+    rest = iter(alone)
+    for sl in slices:
+        tokens, q_positions = [], []
+        while len(q_positions) < len(sl.q_positions):
+            text, q = next(rest)
+            tokens, q_positions = tokens + text, q_positions + [len(tokens) + p for p in q]
+        assert sl.tokens == tokens and sl.q_positions == q_positions
+    assert next(rest, None) is None
+
+    model = tiny_model(tok.n_words)
+    player = rollout.ModelPolicy(model, fmt, context=1024)
+    finished, seen = collections.defaultdict(list), []
+    greedy, observe = player.greedy_actions, player.observe
+
+    def spy_greedy(rows, maps, episodes):
+        actions = greedy(rows, maps, episodes)
+        seen.extend((r, list(player.rows[r].tokens), len(finished[r]), copy.deepcopy(ep))
+                    for r, ep in zip(rows, episodes))
+        return actions
+
+    def spy_observe(row, episode, terminated, done):
+        observe(row, episode, terminated, done)
+        if done:
+            finished[row].append(copy.deepcopy(episode))
+    player.greedy_actions, player.observe = spy_greedy, spy_observe
+    maps = [[m] for m in frozenlake.test_maps()[:2] + frozenlake.ood_maps()[:1]]
+    rollout.run_episodes(player, maps, [0.0, 0.0, 0.5], seed=1, max_steps=20)
+    assert player.mismatches == 0 and player.overflows == 0
+    text = lambda ep: dqn.tokenize_episode(compact.to_canvas(ep), fmt)  # noqa: E731
+    for row, context, done, live in seen:
+        before = sum((text(ep)[0] for ep in finished[row][:done]), [])
+        # the live episode with one more (dummy) step: its last Q position is the live one
+        longer = Episode(live.observations + [0], live.actions + [0], live.rewards + [0.0], ncol=live.ncol)
+        tokens, q_positions = text(longer)
+        assert context == before + tokens[:q_positions[-1] + 1]
+    for row in range(len(maps)):
+        assert player.rows[row].tokens == sum((text(ep)[0] for ep in finished[row]), [])
+    assert len(seen) > 50 and any(ep.truncated for eps in finished.values() for ep in eps)
+
+
+def test_python_dqn_py_prints_the_episode_with_tokenize_episodes_q_positions():
+    """`python dqn.py`: the episode 0 -> 1 -> 2 -> 5 -> 8 of a 3x3 lake token by token in both formats, with the Q
+    positions of dqn.tokenize_episode marked (hand-counted too: the paper's text spends 10 tokens per step, the
+    compact format 2), each with its action and Eq. 6 target; dqn itself imports no cpu-preset module."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = "import sys, dqn; assert not {'compact', 'policy'} & set(sys.modules), 'cpu-preset import'; dqn.main()"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    episode = Episode([0, 1, 2, 5, 8], [RIGHT, RIGHT, DOWN, DOWN], [0.0, 0.0, 0.0, 1.0], False, ncol=3)
+    paper, small = policy.small_tokenizer("paper"), policy.small_tokenizer("compact")
+    fmts = [dqn.TrajectoryFormat.for_tokenizer(paper), compact.CompactFormat(small.special_tokens, canvas=True)]
+    sections = out.split("\n\n")[1:]
+    assert len(sections) == 2
+    for section, fmt, written, hand in zip(sections, fmts, (episode, compact.to_canvas(episode)),
+                                           ([8, 18, 28, 38], [1, 3, 5, 7])):
+        rows = [line.split(None, 3) for line in section.splitlines()[2:]]  # pos, id, token, note
+        tokens, q_positions = dqn.tokenize_episode(written, fmt)
+        assert [int(r[0]) for r in rows] == list(range(len(tokens))) and [int(r[1]) for r in rows] == tokens
+        marked = [int(r[0]) for r in rows if len(r) == 4]
+        assert marked == q_positions == hand
+        notes = [rows[p][3] for p in marked]
+        assert [n.split(":")[0] for n in notes] == [f"<- Q position, a_{t} = {w}" for t, w in
+                                                    enumerate(("right", "right", "down", "down"))]
+        for t in range(3):  # bootstrapped from the next Q position of the episode
+            assert notes[t].endswith(f"y_{t} = 0.9·Q_φ(h_{t + 1}, argmax_a Q_θ(h_{t + 1}, a)), "
+                                     f"h_{t + 1} = tokens 0..{q_positions[t + 1]}")
+        assert notes[3].endswith("y_3 = 30·R = 30·1 = 30")
+    assert [r.split()[2] for r in sections[1].splitlines()[2:] if "<- Q" in r] == [
+        "<|obs_0|>", "<|obs_1|>", "<|obs_2|>", "<|obs_10|>"]  # canvas: tile (1, 2) of the 3-wide lake is 1·8 + 2

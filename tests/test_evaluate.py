@@ -11,6 +11,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -228,41 +229,41 @@ def test_canvas_context_writes_each_tile_at_row_times_8_plus_col():
     for row, (desc,) in enumerate(maps):
         width = len(desc[0])
         assert all(ep.ncol == width for ep in player.episodes[row])
-        assert player.policy.rows[row].tokens == sum((dqn.tokenize_episode(ep, fmt)[0]
+        assert player.policy.rows[row].tokens == sum((dqn.tokenize_episode(compact.to_canvas(ep), fmt)[0]
                                                       for ep in player.episodes[row]), [])
         written = [obs_id[t] for t in player.policy.rows[row].tokens if t in obs_id]
         expected = [(s // width) * 8 + s % width for ep in player.episodes[row] for s in ep.observations]
         assert written == expected
 
 
-def test_facts_tokens_name_what_the_row_has_seen():
-    """With facts tokens the live context is still tokenize_episode's text (each episode written from the row's
-    earlier ones), and every facts token names, for each move of the state, what the row's history shows: untried,
-    a dead end (it entered a hole or stayed put) or open, counted here from the played episodes directly."""
+def test_the_facts_target_of_a_played_context_names_what_the_row_has_seen():
+    """compact.context_facts on a row's live context (the cpu preset's format: canvas, recap): for each action, what
+    the row's history shows about each move of the state: untried, a dead end (it entered a hole or stayed put) or
+    open, counted here from the played episodes directly."""
     model, fmt = tiny_model(fmt="compact")
-    fmt.canvas, fmt.facts = True, True
+    fmt.canvas = True
     player = Recorder(rollout.ModelPolicy(model, fmt, context=100_000))
     maps = [[m] for m in frozenlake.test_maps()[:2] + frozenlake.ood_maps()[:1]]
     rollout.run_episodes(player, maps, [0.0, 0.0, 0.5, 1.0], seed=3, max_steps=30)
     assert player.policy.mismatches == 0
-    index = {fmt.ids[f"<|reserved_special_token_{22 + i}|>"]: i for i in range(81)}
     for row, (desc,) in enumerate(maps):
         expected, outcome = [], {}  # (tile, action) -> "dead" / "open", the latest
         for ep in map(compact.to_canvas, player.episodes[row]):
             for t, (s, a, s_next) in enumerate(zip(ep.observations, ep.actions, ep.observations[1:])):
-                f = [{None: 0, "dead": 1, "open": 2}[outcome.get((s, b))] for b in range(4)]
-                expected.append(27 * f[0] + 9 * f[1] + 3 * f[2] + f[3])
+                expected.append([{None: 0, "dead": 1, "open": 2}[outcome.get((s, b))] for b in range(4)])
                 hole = t == len(ep.actions) - 1 and not ep.truncated and ep.rewards[-1] == 0
                 outcome[s, a] = "dead" if hole or s_next == s else "open"
-        written = [index[t] for t in player.policy.rows[row].tokens if t in index]
-        assert written == expected and len(set(expected)) > 3
+        assert compact.context_facts(player.policy.rows[row].tokens, fmt.ids) == expected
+        assert len({tuple(f) for f in expected}) > 3
+    assert any(ep.truncated for eps in player.episodes.values() for ep in eps)
 
 
-def test_facts_tokens_survive_a_cut_inside_an_episode():
-    """A context too short for one episode cuts the episode's oldest steps; the facts tokens the model read came from
-    all of the row's steps, so the text that replaces the incremental one keeps the cut steps in the row's lake."""
+@pytest.mark.parametrize("recap", [False, True])
+def test_a_cut_inside_an_episode_keeps_the_training_text(recap):
+    """A context too short for one episode cuts the episode's oldest steps; the text built step by step (the
+    episode's end and recap included) is tokenize_episode's text of the steps the context kept, which replaces it."""
     model, fmt = tiny_model(fmt="compact")
-    fmt.canvas, fmt.facts = True, True
+    fmt.canvas, fmt.recap = True, recap
     player = rollout.ModelPolicy(model, fmt, context=64)
     cuts = []
     trim = player._trim
@@ -450,7 +451,7 @@ def test_attention_with_a_mask_and_gqa_folds_the_query_heads(monkeypatch):
 
 def test_map_batch_groups_play_exactly_like_one_group(tmp_path):
     """--map-batch: the model plays the maps in groups, each row with its own random stream, so the results are those
-    of one group of all rows, for the cpu preset's model and format (GQA, facts tokens, the canvas) at random init,
+    of one group of all rows, for the cpu preset's model and format (GQA, the recap, the canvas) at random init,
     with and without context episodes (demo). Played without its first row index, a later group's rows would draw
     another row's stream."""
     cfg = train.make_config("cpu", dim=64, n_layers=2, context_len=256)
@@ -590,7 +591,7 @@ def test_nonstationary_restarts_the_warmup_and_keeps_the_first_map_in_context():
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A tiny train.py cpu run, trained once for this module: 2 steps of a 2-layer d32 model, 160-token context, 4
-    maps of one 24-episode Q-learning run each; the --ema average (0.99, the default) is what evaluate.py plays."""
+    maps of one 24-episode Q-learning run each; its target network is what evaluate.py plays."""
     root = tmp_path_factory.mktemp("trained")
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
         for key, value in dict(qlearn_runs=1, qlearn_episodes=24, set_min=4, set_max=8).items():
@@ -598,7 +599,7 @@ def trained_run(tmp_path_factory):
         warnings.filterwarnings("ignore", "pack_slices dropped")  # the tiny run's 160-token slices
         return train.train(train.make_config(
             "cpu", dim=32, n_layers=2, context_len=160, n_maps=4, sets_per_map=2, steps=2, slices_per_step=2,
-            micro_batch=1, eval_every=2, eval_slices=2, save_every=2, online_every=0, data_dir=str(root / "data"),
+            micro_batch=1, eval_every=2, eval_slices=2, save_every=2, data_dir=str(root / "data"),
             out=str(root / "run")))
 
 
@@ -623,8 +624,8 @@ def rewrite_checkpoint_file(ckpt, name, tensors=None, text=None):
 
 @pytest.mark.slow
 def test_evaluate_loads_a_train_py_run(run_dir, monkeypatch):
-    """The tiny run evaluated from its run dir by evaluate.evaluate: outputs in RUN/eval, the checkpoint's --ema
-    weights playing (the same episodes as a ModelPolicy over policy.load_policy's model), and the run's number of
+    """The tiny run evaluated from its run dir by evaluate.evaluate: outputs in RUN/eval, the checkpoint's target
+    network playing (the same episodes as a ModelPolicy over policy.load_policy's model), and the run's number of
     training maps reaching the nonstationary experiment."""
     cfg = evaluate.EvalConfig(run=str(run_dir), experiment="id", maps=2, episodes=2, warmup=0, baseline_seeds=1,
                               max_steps=20, progress=False)
@@ -641,10 +642,10 @@ def test_evaluate_loads_a_train_py_run(run_dir, monkeypatch):
     assert record["model_stats"]["context"] == 160  # the checkpoint's max_seq_len (under the 4096 cap)
     ckpt = checkpoint.latest_checkpoint(run_dir)
     played, _, _, fmt = policy.load_policy(run_dir)
-    ema = llama.load(ckpt / "ema")
-    assert all(torch.equal(a, b) for a, b in zip(played.state_dict().values(), ema.state_dict().values()))
+    target = llama.load(ckpt / "target")
+    assert all(torch.equal(a, b) for a, b in zip(played.state_dict().values(), target.state_dict().values()))
     online = llama.load(ckpt / "model")
-    assert not all(torch.equal(a, b) for a, b in zip(online.state_dict().values(), ema.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(online.state_dict().values(), target.state_dict().values()))
     ref = rollout.run_episodes(rollout.ModelPolicy(played, fmt), [[m] for m in frozenlake.test_maps()[:2]],
                                [1.0, 1.0], seed=0, max_steps=20)
     assert [model_run["steps"][0], model_run["success"][0]] == [ref["steps"], ref["success"]]
@@ -684,15 +685,15 @@ def test_main_refuses_a_context_beyond_the_models_positions(run_dir, capsys):
 
 @pytest.mark.slow
 def test_main_refuses_weights_that_are_not_finite(run_dir, capsys, tmp_path):
-    """NaN in the played weights (the --ema average) -> refused; the online weights still play with
+    """NaN in the played weights (the target network) -> refused; the online weights still play with
     --online-weights. A changed file whose hash was not updated is caught earlier, by the manifest."""
     ckpt = checkpoint.latest_checkpoint(run_dir)
-    tensors = load_file(ckpt / "ema" / "model.safetensors")
+    tensors = load_file(ckpt / "target" / "model.safetensors")
     name = next(k for k in tensors if k.endswith("self_attn.q_proj.weight"))
     tensors[name][0, 0] = float("nan")
-    save_file(tensors, ckpt / "ema" / "model.safetensors", metadata={"format": "pt"})
+    save_file(tensors, ckpt / "target" / "model.safetensors", metadata={"format": "pt"})
     assert "changed since it was saved" in main_error(["--run", str(run_dir)], capsys)
-    rewrite_checkpoint_file(ckpt, "ema/model.safetensors", tensors)
+    rewrite_checkpoint_file(ckpt, "target/model.safetensors", tensors)
     message = main_error(["--run", str(run_dir)], capsys)
     assert "not finite" in message and str(ckpt) in message
     evaluate.main(["--run", str(run_dir), "--online-weights", "--maps", "1", "--episodes", "1", "--baseline-seeds",
@@ -710,6 +711,28 @@ def test_stitching_experiment_draws_its_pictures(tmp_path):
     assert {"context.png", "trial0_model.png", "trial4_model.png", "trial0_oracle.png", "results.json"} <= names
     record = json.loads((tmp_path / "stitching" / "results.json").read_text())
     assert all(path[0] == 8 for path in record["policies"]["model"]["paths"][0][0])  # trials start at the start
+    height, width, _ = matplotlib.image.imread(tmp_path / "stitching" / "paths.png").shape
+    assert width == 5 * 264 and height == round((2.0 * 6 / 4 + 0.5 + 0.4) * 120)  # the 5 trials, 2.2 in at 120 dpi
+
+
+def test_paths_png_draws_episodes_1_5_10_of_every_map_of_the_first_lakes(tmp_path, monkeypatch):
+    """paths.png of a 10-episode nonstationary run: the first 3 rows, both maps of each, episodes 1, 5 and 10 of each
+    map (30 and 20 lie beyond 10), the model's path in red on every panel."""
+    model, fmt = tiny_model()
+    grids, draw = [], evaluate.plot_paths
+    monkeypatch.setattr(evaluate, "plot_paths", lambda *a, **k: grids.append(draw(*a, **k)))
+    cfg = evaluate.EvalConfig(experiment="nonstationary", maps=4, episodes=10, baseline_seeds=1, max_steps=20,
+                              context=256, out=str(tmp_path), progress=False)
+    evaluate.evaluate(cfg, rollout.ModelPolicy(model, fmt, context=256))
+    assert grids == [[[(r, 10 * m + e) for e in (0, 4, 9)] for r in range(3) for m in (0, 1)]]
+    image = matplotlib.image.imread(tmp_path / "nonstationary" / "paths.png")
+    first, second = frozenlake.test_maps()[:3], frozenlake.generate_maps(
+        3, seed=3, exclude=frozenlake.train_maps() + frozenlake.test_maps())  # experiment_setup's second maps
+    inches = sum(2.0 * len(m) / len(m[0]) + 0.5 for pair in zip(first, second) for m in pair) + 0.4
+    assert image.shape == (round(inches * 120), 3 * 264, 4)  # 3 panels of 2.2 in at 120 dpi; rows as tall as lakes
+    red = abs(image[..., :3] - (0xd6 / 255, 0x27 / 255, 0x28 / 255)).max(-1) < 0.02  # PATH_COLORS[0]
+    rows_with_red = red.any(1).nonzero()[0]
+    assert red.sum() > 500 and rows_with_red[-1] - rows_with_red[0] > 0.8 * image.shape[0]  # paths down to the last
 
 
 def test_demo_experiment_puts_a_shortest_path_from_each_start_in_the_context(tmp_path):

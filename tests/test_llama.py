@@ -163,6 +163,31 @@ def test_kv_cache_per_row_start_pos_right_padded(small, use_sdpa):
 
 
 @torch.no_grad()
+def test_cuda_attention_leaves_out_cudnn_and_cpu_attention_is_the_plain_call(small, monkeypatch):
+    """On CUDA every SDPA call (causal prefill, GQA with a cache mask) runs with cuDNN's backend off and the others
+    on, then cuDNN's flag is back; on the CPU the call sees the flags untouched. A tensor that reports is_cuda
+    stands in for the GPU: the backend flags are global, so the CPU kernel runs under the same settings."""
+    real, seen = torch.nn.functional.scaled_dot_product_attention, []
+    flags = torch.backends.cuda
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **kw: seen.append(
+        (flags.cudnn_sdp_enabled(), flags.flash_sdp_enabled(), flags.mem_efficient_sdp_enabled(),
+         flags.math_sdp_enabled(), "enable_gqa" in kw)) or real(*a, **kw))  # no enable_gqa: the folded GQA path
+    tokens = torch.randint(0, 300, (2, 12))
+    cpu = small(tokens)
+    cached = small.new_cache(2, 16)
+    small(tokens[:, :8], torch.tensor([0, 0]), cached)
+    assert set(seen) == {(True, True, True, True, True), (True, True, True, True, False)}  # the CPU: untouched
+    seen.clear()
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert (small(tokens) - cpu).abs().max() == 0  # same kernel, same numbers
+    small(tokens[:, :8], torch.tensor([0, 0]), small.new_cache(2, 16))  # per-row starts: the masked GQA path
+    monkeypatch.undo()
+    assert len(seen) == 2 * small.args.n_layers  # both paths: cuDNN off, flash, efficient and math on
+    assert set(seen) == {(False, True, True, True, True), (False, True, True, True, False)}
+    assert flags.cudnn_sdp_enabled()  # switched back on after each call
+
+
+@torch.no_grad()
 def test_cache_too_small_raises(small):
     cache = small.new_cache(1, 8)
     with pytest.raises(ValueError, match="too small"):

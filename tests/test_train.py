@@ -1,8 +1,8 @@
-"""train.py: the double-DQN loss reads the Polyak target network (Eq. 6-8), the loop's metrics and checkpoints, exact
-resume, 2-process gloo data parallelism, the IA3 presets, online rounds, the canvas curriculum, presets and the CLI.
+"""train.py: the double-DQN loss reads the Polyak target network (Eq. 6-8), the auxiliary losses, the loop's
+metrics and checkpoints, exact resume, 2-process gloo data parallelism, the IA3 presets, the data order, the canvas
+curriculum, presets and the CLI.
 Every run uses a tiny model, context and data set (the cpu preset's defaults shrunk in size only), about a second
 each; the run dir and resume machinery of checkpoint.py is tested in test_checkpoint.py."""
-import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -10,7 +10,6 @@ import json
 import math
 import os
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,11 +81,17 @@ def assert_same_weights(a: dict, b: dict):
 
 
 def batch_of(cfg, n=2, split="train"):
-    """n slices of the run's real data, collated, with the format and its action ids."""
+    """n slices of the run's real data, collated as the loop does (with the facts targets under --aux-facts), with
+    the format's action ids and the format."""
     tok = policy.small_tokenizer(cfg.format)
     fmt = policy.trajectory_format(cfg, tok)
     slices = dqn.pack_slices(data.load_episode_sets(cfg, split), fmt, cfg.context_len, random.Random(0))
-    return dqn.collate(slices[:n], fmt.eos[0]), torch.tensor(fmt.action_ids), fmt
+    ids = getattr(fmt, "ids", None)
+    return train.collate_on(slices[:n], cfg, fmt.eos[0], ids, "cpu"), torch.tensor(fmt.action_ids), fmt
+
+
+def networks(model, adapter, target, target_adapter, action_ids, fmt) -> train.Networks:
+    return train.Networks(model, adapter, target, target_adapter, action_ids, getattr(fmt, "ids", None))
 
 
 # ---------------------------------------------------------------------------------------------------- the policy
@@ -143,62 +148,75 @@ def hand_td_loss(q, batch, target_scale=1.0, gamma=0.9, reward_scale=30.0) -> fl
 
 
 def test_default_loss_reads_the_target_network(tmp_path):
-    """The cpu preset's loss (double DQN with the next-token loss, shrunk in size only) on real slices: the TD loss is
-    Eq. 6-7 computed by hand with the target network's Q-values, changing the target's weights changes the loss and
-    the online gradient by the hand-computed amount, and the target gets no gradient."""
+    """The cpu preset's loss (double DQN with the next-token loss and the facts target, shrunk in size only) on real
+    slices: the TD loss is Eq. 6-7 computed by hand with the target network's Q-values, changing the target's
+    weights changes the loss and the online gradient by the hand-computed amount, and the target gets no gradient;
+    the auxiliary losses are compact's, on the online logits."""
     cfg = tiny(tmp_path)
     default = train.make_config("cpu")
     assert 0 < default.alpha < 1 and cfg.aux_lm == default.aux_lm > 0  # Eq. 8 moves the target, but slowly
+    assert cfg.aux_facts == default.aux_facts > 0
     assert (cfg.gamma, cfg.reward_scale) == (0.9, 30.0)
-    batch, ids, _ = batch_of(cfg)
+    batch, ids, fmt = batch_of(cfg)
     assert (batch["mask"] & ~batch["is_last"]).sum() > 10 and (batch["rewards"] > 0).any()  # bootstraps and a goal
+    assert batch["facts"].tolist() == compact.facts_targets(
+        dqn.pack_slices(data.load_episode_sets(cfg, "train"), fmt, cfg.context_len, random.Random(0))[:2],
+        fmt.ids).tolist()
+    assert batch["facts"][batch["mask"]].unique().tolist() == [0, 1, 2]
     model, adapter, target, target_adapter, _ = policy.build_policy(cfg, "cpu")
     assert adapter is None and target_adapter is None and target is not model
     target.requires_grad_(True)  # so that a gradient reaching the target would show
     online = [p for p in model.parameters()]
+    nets = networks(model, None, target, None, ids, fmt)
 
     def loss_and_grad():
         model.zero_grad(set_to_none=True)
-        loss, aux = train.td_loss_on(batch, model, None, target, None, ids, cfg, contextlib.nullcontext)
+        loss, aux = train.td_loss_on(batch, nets, cfg)
+        assert set(aux) == {"next_token_loss", "facts_loss"}
         grad = torch.autograd.grad(loss, online, retain_graph=True)
-        (loss + cfg.aux_lm * aux).backward()  # as the loop does
+        (loss + cfg.aux_lm * aux["next_token_loss"] + cfg.aux_facts * aux["facts_loss"]).backward()  # as the loop
         assert all(p.grad is None for p in target.parameters())  # the targets carry no gradient
-        return loss.item(), aux.item(), torch.cat([g.flatten() for g in grad])
+        return loss.item(), {k: v.item() for k, v in aux.items()}, torch.cat([g.flatten() for g in grad])
 
     q = dqn.q_values(model, batch["tokens"], batch["q_positions"], ids)
     loss, aux, grad = loss_and_grad()  # a fresh target is a copy of the online network: Q_φ = Q_θ
     assert loss == pytest.approx(hand_td_loss(q, batch), rel=1e-5)
-    assert aux == pytest.approx(dqn.next_token_loss(model(batch["tokens"]), batch).item(), rel=1e-6)
     with torch.no_grad():
-        target.output.weight.mul_(2.0)  # the target's Q-values double exactly (a power of two)
+        logits = model(batch["tokens"])
+    assert aux["next_token_loss"] == pytest.approx(compact.next_token_loss(logits, batch).item(), rel=1e-6)
+    assert aux["facts_loss"] == pytest.approx(compact.facts_loss(logits, batch, fmt.ids).item(), rel=1e-6)
+    with torch.no_grad():
+        target.output.weight.mul_(16.0)  # the target's Q-values x 16 exactly (a power of two)
     loss2, aux2, grad2 = loss_and_grad()
-    assert loss2 == pytest.approx(hand_td_loss(q, batch, target_scale=2.0), rel=1e-5)
-    assert abs(loss2 - loss) > 1e-3 * loss and aux2 == aux  # the next-token loss does not read the target
+    assert loss2 == pytest.approx(hand_td_loss(q, batch, target_scale=16.0), rel=1e-5)
+    assert abs(loss2 - loss) > 1e-3 * loss and aux2 == aux  # the auxiliary losses do not read the target
     assert (grad2 - grad).norm() > 1e-3 * grad.norm()
     with torch.no_grad():
         target.output.weight.zero_()  # Q_φ = 0: the targets are 30·R at the last actions, 0 elsewhere
-    assert train.td_loss_on(batch, model, None, target, None, ids, cfg, contextlib.nullcontext)[0].item() == \
+    assert train.td_loss_on(batch, nets, cfg)[0].item() == \
         pytest.approx(hand_td_loss(q, batch, target_scale=0.0), rel=1e-5)
-    # the same with the paper's loss alone (--aux-lm 0): the Q-values come from dqn.q_values instead of the logits
-    paper = dataclasses.replace(cfg, aux_lm=0.0)
-    plain, none = train.td_loss_on(batch, model, None, target, None, ids, paper, contextlib.nullcontext)
-    assert none is None and plain.item() == pytest.approx(hand_td_loss(q, batch, target_scale=0.0), rel=1e-5)
+    # the same with the paper's loss alone (--aux-lm 0 --aux-facts 0): Q from dqn.q_values instead of the logits
+    paper = dataclasses.replace(cfg, aux_lm=0.0, aux_facts=0.0)
+    plain, none = train.td_loss_on(batch, nets, paper)
+    assert none == {} and plain.item() == pytest.approx(hand_td_loss(q, batch, target_scale=0.0), rel=1e-5)
 
 
 def test_ia3_loss_reads_the_target_adapter(tmp_path):
     """The IA3 presets share one frozen base: the target is a second adapter on it, and the loss reads that."""
-    cfg = dataclasses.replace(tiny(tmp_path), format="paper", canvas=False, facts_tokens=False, aux_lm=0.0)
-    batch, ids, _ = batch_of(cfg)
+    cfg = dataclasses.replace(tiny(tmp_path), format="paper", canvas=False, recap=False, aux_lm=0.0, aux_facts=0.0)
+    batch, ids, fmt = batch_of(cfg)
     base = policy.small_model(cfg, policy.small_tokenizer("paper").n_words).requires_grad_(False)
     adapter = ia3.IA3(base)
     with torch.no_grad():
         for p in adapter.parameters():
             p.mul_(1 + 0.2 * torch.randn_like(p))  # not the identity: the adapter matters
     target = adapter.copy().requires_grad_(True)
+    nets = networks(base, adapter, base, target, ids, fmt)
 
     def loss_and_grad():
         adapter.zero_grad(set_to_none=True)
-        loss, _ = train.td_loss_on(batch, base, adapter, base, target, ids, cfg, contextlib.nullcontext)
+        loss, aux = train.td_loss_on(batch, nets, cfg)
+        assert aux == {}
         loss.backward()
         assert all(p.grad is None for p in target.parameters()) and all(p.grad is None for p in base.parameters())
         return loss.item(), torch.cat([p.grad.flatten() for p in adapter.parameters()])
@@ -224,17 +242,20 @@ def polyak_residual(new: torch.Tensor, old: torch.Tensor, online: torch.Tensor, 
 def test_the_loop_bootstraps_from_the_polyak_target(tmp_path, monkeypatch):
     """Two default steps (shrunk in size only): after each, the target moved by exactly α·(θ − φ) from its previous
     value (Eq. 8; φ_0 = θ_0, the seeded init), and the logged TD loss of step 2 is the loss of its batches with θ_1
-    and that target φ_1, not with θ_1 alone (no target network) nor with the initial network (a frozen target)."""
+    and that target φ_1, not with θ_1 alone (no target network) nor with the initial network (a frozen
+    target); the logged auxiliary losses are those of the same batches, and θ_1 is θ_0 moved along all three
+    losses' gradient."""
     monkeypatch.setattr(checkpoint, "KEEP", 10)
     cfg = tiny(tmp_path, steps=2, save_every=1, eval_every=0)
-    batches, collate = [], dqn.collate
+    batches, collate = [], train.collate_on
 
     def recording(*a, **kw):
         batches.append(collate(*a, **kw))
         return batches[-1]
-    monkeypatch.setattr(dqn, "collate", recording)
+    monkeypatch.setattr(train, "collate_on", recording)
     run = train.train(cfg)
-    monkeypatch.setattr(dqn, "collate", collate)
+    monkeypatch.setattr(train, "collate_on", collate)
+    assert all("facts" in b for b in batches)
     assert len(batches) == 2 + 2 + cfg.eval_slices  # 2 micro-batches per step, the final held-out loss
     ck = [run / "checkpoints" / f"step_{k:06d}" for k in (1, 2)]
     initial = policy.build_policy(cfg, "cpu")[0]  # θ_0 = φ_0: the seeded init
@@ -252,31 +273,59 @@ def test_the_loop_bootstraps_from_the_polyak_target(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     model, target = llama.load(ck[0] / "model"), llama.load(ck[0] / "target")
-    ids = torch.tensor(policy.trajectory_format(cfg, policy.small_tokenizer(cfg.format)).action_ids)
+    fmt = policy.trajectory_format(cfg, policy.small_tokenizer(cfg.format))
+    ids = torch.tensor(fmt.action_ids)
 
-    def logged_loss(batches, online, tgt):
+    def logged_loss(batches, online, tgt, which=None):
         with torch.no_grad():
-            return sum(train.td_loss_on(b, online, None, tgt, None, ids, cfg, contextlib.nullcontext)[0].float() * 0.5
-                       for b in batches).item()
+            losses = [train.td_loss_on(b, networks(online, None, tgt, None, ids, fmt), cfg) for b in batches]
+            return sum((loss if which is None else aux[which]).float() * 0.5 for loss, aux in losses).item()
     assert rows[0]["loss"] == pytest.approx(logged_loss(batches[:2], initial, initial), rel=1e-6)
+    for name in ("next_token_loss", "facts_loss"):  # the step's auxiliary losses, logged as its TD loss
+        assert rows[0][name] == pytest.approx(logged_loss(batches[:2], initial, initial, name), rel=1e-6)
+        assert rows[1][name] == pytest.approx(logged_loss(batches[2:4], model, target, name), rel=1e-6)
     expected = logged_loss(batches[2:4], model, target)
     for wrong in (model, initial):  # the logged loss is expected's to the last bits, far from the others
         assert abs(rows[1]["loss"] - expected) <= 1e-3 * abs(logged_loss(batches[2:4], model, wrong) - expected)
+    # θ_1: one AdamW step (lr of warmup step 1, weight decay, the norm clipped) from θ_0 along the gradient of the
+    # step's TD loss plus both weighted auxiliary losses, each micro-batch a half
+    reference = policy.build_policy(cfg, "cpu")[0]
+    nets = networks(reference, None, copy.deepcopy(reference).requires_grad_(False), None, ids, fmt)
+    for b in batches[:2]:
+        loss, aux = train.td_loss_on(b, nets, cfg)
+        ((loss + cfg.aux_lm * aux["next_token_loss"] + cfg.aux_facts * aux["facts_loss"]) * 0.5).backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.grad_clip)
+    torch.optim.AdamW(reference.parameters(), lr=train.learning_rate(cfg, 0), weight_decay=cfg.weight_decay).step()
+    names = llama.hf_names(reference.args)
+    for k, v in reference.state_dict().items():
+        torch.testing.assert_close(theta[1][names[k]], v, atol=1e-6, rtol=0)
 
 
-def test_aux_next_token_loss_reads_the_same_q_values(tmp_path):
+def test_aux_losses_read_the_same_q_values(tmp_path):
+    """With --aux-lm and --aux-facts the Q-values come from the full logits; they are dqn.q_values' all the same.
+    --aux-lm alone gives only the next-token loss."""
     cfg = tiny(tmp_path)
     batch, ids, fmt = batch_of(cfg)
     model = policy.build_policy(cfg, "cpu")[0]
+    nets = networks(model, None, model, None, ids, fmt)
     with torch.no_grad():
-        plain, none = train.td_loss_on(batch, model, None, model, None, ids, dataclasses.replace(cfg, aux_lm=0.0),
-                                       contextlib.nullcontext)
-        td, aux = train.td_loss_on(batch, model, None, model, None, ids, cfg, contextlib.nullcontext)
-        assert none is None
+        plain, none = train.td_loss_on(batch, nets, dataclasses.replace(cfg, aux_lm=0.0, aux_facts=0.0))
+        td, aux = train.td_loss_on(batch, nets, cfg)
+        lm_only, lm_aux = train.td_loss_on(batch, nets, dataclasses.replace(cfg, aux_facts=0.0))
+        assert none == {} and set(aux) == {"next_token_loss", "facts_loss"} and set(lm_aux) == {"next_token_loss"}
         torch.testing.assert_close(td, plain)  # Q-values gathered from the full logits = dqn.q_values
-        torch.testing.assert_close(aux, dqn.next_token_loss(model(batch["tokens"]), batch))
+        torch.testing.assert_close(lm_only, plain)
+        logits = model(batch["tokens"])
+        torch.testing.assert_close(aux["next_token_loss"], compact.next_token_loss(logits, batch))
+        torch.testing.assert_close(lm_aux["next_token_loss"], aux["next_token_loss"])
+        torch.testing.assert_close(aux["facts_loss"], compact.facts_loss(logits, batch, fmt.ids))
     n_words = policy.small_tokenizer(cfg.format).n_words
-    assert aux.item() == pytest.approx(math.log(n_words), rel=0.05)  # untrained: about uniform over the vocabulary
+    # obs 0..63, 4 actions, goal, truncated, the recap's 64 x 4 x 4, and the facts target's 12 output rows
+    added = n_words - policy.small_tokenizer("paper").n_words
+    assert added == len(compact.COMPACT_SPECIALS) == 64 + 4 + 2 + 1024 + 12
+    # untrained: about uniform over the vocabulary, and over the 3 facts of each move
+    assert aux["next_token_loss"].item() == pytest.approx(math.log(n_words), rel=0.05)
+    assert aux["facts_loss"].item() == pytest.approx(math.log(3), rel=0.05)
 
 
 # ---------------------------------------------------------------------------------------------------- presets, CLI
@@ -291,34 +340,56 @@ def test_learning_rate_warmup_then_constant():
     assert train.learning_rate(default, 0) == pytest.approx(3e-4)
 
 
-def test_presets_and_cli(tmp_path):
-    assert train.parse_args([]) == (train.make_config("cpu"), False)
-    assert train.parse_args(["--debug", "--steps", "5", "--no-canvas"]) == (
-        train.make_config("cpu", steps=5, canvas=False), True)
+def test_presets_and_cli(tmp_path, capsys):
+    assert train.parse_args([]) == (train.make_config("cpu"), False, True)
+    assert train.parse_args(["--debug", "--steps", "5", "--no-canvas", "--no-progress"]) == (
+        train.make_config("cpu", steps=5, canvas=False), True, False)
     with pytest.raises(ValueError, match="unknown preset 'gpt'"):
         train.make_config("gpt")
-    # the paper's recipe (§3.3-4) in the IA3 presets, on an HF dir of a base model with 4096 positions
+    assert set(train.PRESETS) == {"cpu", "smollm2", "llama3.1-8b"} and not hasattr(train, "PAPER")
+    # the cpu preset's deviations from the paper's recipe
+    cpu = train.make_config("cpu")
+    assert (cpu.dim, cpu.n_layers, cpu.context_len, cpu.slices_per_step, cpu.micro_batch, cpu.lr, cpu.grad_clip) == \
+        (128, 4, 1024, 8, 4, 3e-3, 1.0)
+    assert (cpu.steps, cpu.sets_per_map, cpu.format, cpu.recap, cpu.canvas, cpu.aux_lm, cpu.aux_facts) == \
+        (700, 12, "compact", True, True, 30.0, 30.0)
+    assert (cpu.quality, cpu.alpha, cpu.eval_every, cpu.eval_slices, cpu.save_every) == ("low", 0.01, 40, 8, 80)
+    # TrainConfig() is the paper's recipe (§3.3-4), the IA3 presets': on an HF dir of a base with 4096 positions
     base = policy.small_model(train.make_config("cpu", dim=32, n_layers=1, context_len=4096), 300)
     llama.save(base, tmp_path / "base")
-    paper, debug = train.parse_args(["--preset", "llama3.1-8b", "--model-dir", str(tmp_path / "base"),
-                                     "--lr", "0.02"])
-    assert not debug and (paper.format, paper.quality, paper.canvas, paper.facts_tokens) == ("paper", "mid", False,
-                                                                                             False)
+    paper, debug, progress = train.parse_args(["--preset", "llama3.1-8b", "--model-dir", str(tmp_path / "base"),
+                                               "--lr", "0.02"])
+    assert not debug and progress
+    assert (paper.format, paper.quality, paper.canvas, paper.recap) == ("paper", "mid", False, False)
     assert (paper.lr, paper.warmup_steps, paper.weight_decay, paper.slices_per_step, paper.context_len) == \
         (0.02, 10, 0.01, 10, 4096)
     assert (paper.gamma, paper.reward_scale, paper.alpha, paper.epochs, paper.steps) == (0.9, 30.0, 0.1, 1.0, 0)
-    assert (paper.grad_clip, paper.ema, paper.aux_lm, paper.online_every) == (0.0, 0.0, 0.0, 0)
+    assert (paper.grad_clip, paper.aux_lm, paper.aux_facts, paper.micro_batch, paper.sets_per_map) == \
+        (0.0, 0.0, 0.0, 1, 58)
+    assert (paper.eval_every, paper.eval_slices, paper.save_every) == (50, 20, 100)
     assert train.make_config("smollm2") == dataclasses.replace(paper, preset="smollm2", model_dir=None, lr=1e-2)
-    assert len(dataclasses.fields(train.TrainConfig)) == 36
+    assert train.TrainConfig() == train.make_config("smollm2")
+    assert len(dataclasses.fields(train.TrainConfig)) == 34
     for removed in (["--targets", "mc"], ["--n-heads", "4"], ["--lr-schedule", "cosine"], ["--keep-checkpoints", "3"],
-                    ["--bf16"], ["--progress"], ["--novelty-bonus", "1"], ["--set-order", "map"]):
+                    ["--bf16"], ["--progress"], ["--novelty-bonus", "1"], ["--set-order", "map"], ["--ema", "0.5"],
+                    ["--online-every", "2"], ["--online-share", "0.25"], ["--facts-tokens"]):
         with pytest.raises(SystemExit) as e:
             train.parse_args(removed)
         assert e.value.code == 2
+    # the compact format's pieces need the compact format
+    capsys.readouterr()
+    for pieces in ([], ["--no-canvas", "--no-recap"], ["--no-canvas", "--aux-facts", "0"]):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(["--format", "paper"] + pieces)
+        assert e.value.code == 2 and "add --no-canvas --no-recap --aux-facts 0 for --format paper" in \
+            " ".join(capsys.readouterr().err.split())
+    cfg, _, _ = train.parse_args(["--format", "paper", "--no-canvas", "--no-recap", "--aux-facts", "0"])
+    assert (cfg.preset, cfg.format, cfg.aux_lm) == ("cpu", "paper", 30.0)
     out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and "--alpha" in out.stdout and "--overwrite" in out.stdout
+    assert "--no-progress" in out.stdout and "--aux-facts" in out.stdout and "--no-recap" in out.stdout
     assert "cpu: 0.01, smollm2: 0.1, llama3.1-8b: 0.1" in " ".join(out.stdout.split())  # the per-preset defaults
-    assert "--targets" not in out.stdout and "--bf16" not in out.stdout
+    assert "--targets" not in out.stdout and "--bf16" not in out.stdout and "--ema" not in out.stdout
 
 
 def test_smollm2_preset_without_its_assets_fails_clearly(tmp_path, monkeypatch):
@@ -350,17 +421,17 @@ def test_tiny_run_writes_checkpoints_metrics_png_and_loads(tmp_path, capsys):
     assert run == Path(cfg.out) and (run / "latest").read_text() == "checkpoints/step_000004"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000004"]  # KEEP = 2
     ckpt = run / "checkpoints" / "step_000004"
-    assert {p.name for p in ckpt.iterdir()} == {"train_config.json", "manifest.json", "model", "target", "ema",
+    assert {p.name for p in ckpt.iterdir()} == {"train_config.json", "manifest.json", "model", "target",
                                                 "optimizer.pt", "trainer_state.pt"}
     assert json.loads((ckpt / "train_config.json").read_text()) == dataclasses.asdict(cfg)
     manifest = json.loads((ckpt / "manifest.json").read_text())
     files = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json")
     assert manifest["step"] == 4 and sorted(manifest["files"]) == files
-    assert {"model/model.safetensors", "model/tokenizer.model", "target/model.safetensors", "ema/model.safetensors",
-            "optimizer.pt", "trainer_state.pt", "train_config.json"} <= set(files)
+    assert {"model/model.safetensors", "model/tokenizer.model", "target/model.safetensors", "optimizer.pt",
+            "trainer_state.pt", "train_config.json"} <= set(files)
     assert all(manifest["files"][f] == hashlib.sha256((ckpt / f).read_bytes()).hexdigest() for f in files)
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    assert state["step"] == 4 and state["online_sets"] == []
+    assert state["step"] == 4 and set(state) == {"step", "python_rng", "torch_rng", "cuda_rng"}
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     before, rows = rows[0], rows[1:]  # step 0: the untrained model's held-out loss, no training record
@@ -368,25 +439,31 @@ def test_tiny_run_writes_checkpoints_metrics_png_and_loads(tmp_path, capsys):
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["lr"] for r in rows] == pytest.approx(
         [cfg.lr * k / 10 for k in (1, 2, 3, 4)])  # linear warmup over 10 steps
     assert ["heldout_loss" in r for r in rows] == [False, True, False, True]
-    assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 and r["tokens"] <= 2 * 160 for r in rows)
+    assert all(set(r) - {"heldout_loss"} == {"step", "loss", "lr", "time", "tokens_per_s", "next_token_loss",
+                                             "facts_loss"} for r in rows)
+    assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert all(a["time"] <= b["time"] for a, b in zip(rows, rows[1:]))
     n_words = policy.small_tokenizer(cfg.format).n_words
-    assert rows[0]["next_token_loss"] == pytest.approx(math.log(n_words), rel=0.05)
+    assert rows[0]["next_token_loss"] == pytest.approx(math.log(n_words), rel=0.05)  # the untrained model's
+    assert rows[0]["facts_loss"] == pytest.approx(math.log(3), rel=0.05)
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     err = capsys.readouterr().err
     trainable = sum(p.numel() for p in policy.small_model(cfg, n_words).parameters())
     assert f"{trainable:,} trainable parameters" in err and "device cpu, world 1" in err
-    online, target, ema = weights(ckpt), weights(ckpt, "target"), weights(ckpt, "ema")
-    for other in (target, ema):  # Polyak averages of the online weights, not copies of them
-        assert not torch.equal(online["model.norm.weight"], other["model.norm.weight"])
+    online, target = weights(ckpt), weights(ckpt, "target")
+    # the target: a Polyak average of the online weights, not a copy of them
+    assert not torch.equal(online["model.norm.weight"], target["model.norm.weight"])
 
-    # load_policy plays the --ema average; checked against transformers reading the same checkpoint dir
+    # load_policy plays the target network φ (online=True: θ); checked against transformers reading the same dir
     model, adapter, tok, fmt = policy.load_policy(run)
     assert adapter is None and model.args.rope_theta == 500000.0 and not model.training
-    assert fmt.canvas and fmt.facts and fmt.action_ids == policy.trajectory_format(cfg, tok).action_ids
-    assert torch.equal(model.norm.weight, ema["model.norm.weight"])
-    assert torch.equal(policy.load_policy(run, averaged=False)[0].norm.weight, online["model.norm.weight"])
+    assert fmt.canvas and fmt.recap and fmt.action_ids == policy.trajectory_format(cfg, tok).action_ids
+    assert_same_weights({llama.hf_names(model.args)[k]: v for k, v in model.state_dict().items()}, target)
+    played_online = policy.load_policy(run, online=True)[0]
+    assert_same_weights({llama.hf_names(model.args)[k]: v for k, v in played_online.state_dict().items()}, online)
+    assert not any(p.requires_grad for p in played_online.parameters()) and not played_online.training
     import transformers
-    hf = transformers.LlamaForCausalLM.from_pretrained(ckpt / "ema").eval()
+    hf = transformers.LlamaForCausalLM.from_pretrained(ckpt / "target").eval()
     tokens, qp = dqn.tokenize_episode(dqn.Episode([0, 1, 2], [2, 2], [0.0, 1.0], ncol=3), fmt)
     tokens = torch.tensor([tokens])
     q = dqn.q_values(model, tokens, torch.tensor([qp]), fmt.action_ids)
@@ -421,7 +498,7 @@ def test_interrupt_mid_step_then_resume_equals_uninterrupted(tmp_path, monkeypat
     assert (run / "latest").read_text() == "checkpoints/step_000002"
     resumed = train.train(tiny(tmp_path / "b", resume=True))
     a, b = straight / "checkpoints" / "step_000004", resumed / "checkpoints" / "step_000004"
-    for name in ("model", "target", "ema"):
+    for name in ("model", "target"):
         assert_same_weights(weights(a, name), weights(b, name))  # bit for bit on CPU
     oa, ob = torch.load(a / "optimizer.pt"), torch.load(b / "optimizer.pt")
     for i in oa["state"]:
@@ -430,25 +507,6 @@ def test_interrupt_mid_step_then_resume_equals_uninterrupted(tmp_path, monkeypat
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     straight_rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("loss") for r in rows] == [r.get("loss") for r in straight_rows]
-
-
-def test_ema_averages_the_weights_after_every_step_and_plays(tmp_path, monkeypatch):
-    """--ema d: avg_k = d·avg_(k-1) + (1-d)·θ_k after every step k, checked between consecutive checkpoints (with
-    d = 0.75 it differs from the target's α); load_policy plays the average unless told otherwise."""
-    monkeypatch.setattr(checkpoint, "KEEP", 10)
-    run = train.train(tiny(tmp_path, ema=0.75, steps=3, save_every=1, eval_every=0))
-    ck = [run / "checkpoints" / f"step_{k:06d}" for k in (1, 2, 3)]
-    for k in (1, 2):
-        before, now, online = weights(ck[k - 1], "ema"), weights(ck[k], "ema"), weights(ck[k])
-        for name in now:
-            assert polyak_residual(now[name], before[name], online[name], 0.25) <= 2, name
-        assert not torch.equal(now["model.norm.weight"], online["model.norm.weight"])
-        assert not torch.equal(now["model.norm.weight"], weights(ck[k], "target")["model.norm.weight"])
-    averaged, _, _, _ = policy.load_policy(run)
-    online, _, _, _ = policy.load_policy(run, averaged=False)
-    assert torch.equal(averaged.norm.weight, weights(ck[2], "ema")["model.norm.weight"])
-    assert torch.equal(online.norm.weight, weights(ck[2])["model.norm.weight"])
-    assert train.make_config("cpu").ema == 0.99 and train.make_config("smollm2").ema == 0.0  # the paper: none
 
 
 def test_ia3_preset_trains_only_the_adapter(tmp_path, capsys):
@@ -461,30 +519,30 @@ def test_ia3_preset_trains_only_the_adapter(tmp_path, capsys):
     keep = ("n_maps", "sets_per_map", "context_len", "slices_per_step", "micro_batch", "eval_every", "eval_slices",
             "save_every", "data_dir", "out")
     cfg = train.make_config("smollm2", **{k: getattr(small, k) for k in keep}, model_dir=str(tmp_path / "base"),
-                            steps=2, ema=0.5)
+                            steps=2)
     run = train.train(cfg)
     ckpt = run / "checkpoints" / "step_000002"
     assert {p.name for p in ckpt.iterdir()} == {"train_config.json", "manifest.json", "adapter", "target_adapter",
-                                                "ema_adapter", "optimizer.pt", "trainer_state.pt"}
+                                                "optimizer.pt", "trainer_state.pt"}
     assert json.loads((ckpt / "adapter" / "adapter_config.json").read_text())["peft_type"] == "IA3"
     widths = sum(p.numel() for p in ia3.IA3(base).parameters())  # k, v, ffn per layer: 32 + 32 + 96, 2 layers
     assert widths == 2 * (32 + 32 + 96) and f" {widths:,} trainable parameters" in capsys.readouterr().err
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["base_model"]["config_sha256"] == hashlib.sha256(
         (tmp_path / "base" / "config.json").read_bytes()).hexdigest()
-    model, adapter, _, fmt = policy.load_policy(run, averaged=False)
-    assert type(fmt) is dqn.TrajectoryFormat and fmt.style == "llama3"  # the paper's text: no canvas, no facts
+    model, adapter, _, fmt = policy.load_policy(run, online=True)
+    assert type(fmt) is dqn.TrajectoryFormat and fmt.style == "llama3"  # the paper's text: no canvas, no recap
     assert_same_weights(model.state_dict(), base.state_dict())  # the base is untouched
     assert not any(p.requires_grad for p in model.parameters())
     moved = [not torch.equal(p, torch.ones_like(p)) for p in adapter.parameters()]
     assert len(moved) == 3 * 2 and all(moved)  # every IA3 vector trained
-    # the Polyak target and the --ema average: other adapters on the same base, the average played by default
+    # the Polyak target: another adapter on the same base, played by default
     target = ia3.IA3.from_pretrained(ckpt / "target_adapter", model)
-    averaged = policy.load_policy(run)[1]
-    torch.testing.assert_close(averaged.l_ff[0], ia3.IA3.from_pretrained(ckpt / "ema_adapter", model).l_ff[0])
-    for other in (target, averaged):
-        assert not torch.equal(other.l_ff[0], adapter.l_ff[0]) and not torch.equal(other.l_ff[0],
-                                                                                    torch.ones_like(adapter.l_ff[0]))
+    played_base, played = policy.load_policy(run)[:2]
+    assert_same_weights(played_base.state_dict(), base.state_dict())
+    assert_same_weights(played.state_dict(), target.state_dict())
+    assert not torch.equal(target.l_ff[0], adapter.l_ff[0])
+    assert not torch.equal(target.l_ff[0], torch.ones_like(adapter.l_ff[0]))
     # resuming on another base model (same shapes, other weights) is refused
     other = policy.small_model(dataclasses.replace(small, seed=1), tok.n_words)
     with torch.no_grad():
@@ -509,7 +567,7 @@ def test_smollm2_preset_one_step_on_the_real_model(tmp_path, smollm2_dir):
     adapter_config = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "IA3" and (ckpt / "adapter" / "adapter_model.safetensors").is_file()
     assert adapter_config["base_model_name_or_path"] == str(smollm2_dir)
-    model, adapter, _, fmt = policy.load_policy(run)
+    model, adapter, _, fmt = policy.load_policy(run, online=True)
     assert fmt.style == "chatml"
     base = llama.load(smollm2_dir)
     assert_same_weights(model.state_dict(), base.state_dict())
@@ -535,50 +593,44 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     rows = [[json.loads(line) for line in (Path(r) / "metrics.jsonl").read_text().splitlines()] for r in (one, cfg.out)]
     assert [r["step"] for r in rows[1]] == [1, 2, 3]
     for r1, r2 in zip(*rows):
-        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5) and r2["tokens"] == r1["tokens"]
+        for key in ("loss", "next_token_loss", "facts_loss"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-5), key
     assert rows[1][-1]["heldout_loss"] == pytest.approx(rows[0][-1]["heldout_loss"], rel=1e-5)
 
 
-@pytest.mark.slow
-def test_online_rounds_play_and_resume_exactly(tmp_path, monkeypatch):
-    """--online-every 2 with 2 maps a round: the model plays 2 training maps at step 2 (30 episodes each, the
-    evaluation schedule), real episodes of those maps, and the rest of the run trains a quarter of each step's slices
-    on them (placed on the canvas in the canvas stage, which starts at step 2 here); a run resumed from the step-2
-    checkpoint equals the straight run (the online pool is in the checkpoint)."""
-    monkeypatch.setattr(data, "ONLINE_MAPS", 2)
-    cfg = tiny(tmp_path / "a", online_every=2, slices_per_step=4, micro_batch=2, eval_every=0)
-    straight = train.train(cfg)
-    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
-    online = [r for r in rows if "online_greedy_success" in r]
-    assert [r["step"] for r in online] == [2] and 0.0 <= online[0]["online_greedy_success"] <= 1.0
-    state = torch.load(straight / "checkpoints" / "step_000004" / "trainer_state.pt", weights_only=False)
-    (played_at, sets), = state["online_sets"]
-    maps = data.online_round_maps(cfg, 2)
-    assert played_at == 2 and len(sets) == 2 and all(len(eps) == 30 for eps in sets)
-    assert maps == random.Random("0/online2").sample(frozenlake.train_maps(4), 2)
-    for desc, eps in zip(maps, sets):
-        for ep in eps:  # real episodes of that map: replaying the actions reproduces the states and the outcome
-            env = frozenlake.FrozenLake(desc)
-            env.reset(seed=0)
-            env.s = ep.observations[0]
-            for a, s_next in zip(ep.actions, ep.observations[1:]):
-                s, r, *_ = env.step(a)
-                assert s == s_next
-            assert ep.rewards[-1] == r and ep.ncol == len(desc[0])
-    # a resumed run: the step-2 checkpoint of the straight run, the later one removed
-    resumed_dir = tmp_path / "b" / "run"
-    shutil.copytree(straight, resumed_dir)
-    shutil.rmtree(resumed_dir / "checkpoints" / "step_000004")
-    resumed = train.train(dataclasses.replace(cfg, out=str(resumed_dir), resume=True))
-    for name in ("model", "target", "ema"):
-        assert_same_weights(*(weights(r / "checkpoints" / "step_000004", name) for r in (straight, resumed)))
-    assert [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()][-1]["loss"] == \
-        rows[-1]["loss"]
+def test_the_data_order_is_a_seeded_permutation_of_the_slices_per_epoch(tmp_path):
+    """Step k takes the slices k·n .. (k+1)·n − 1 (n per step) of the run's order: epoch after epoch, each a
+    fresh permutation of all slices seeded by (seed, epoch); the canvas curriculum's first stage takes them from the
+    sets at the origin. pack_data: --steps 0 runs --epochs passes over the slices; a rank gets its share of the
+    held-out slices."""
+    def order(seed, epoch, n):  # random.Random's shuffle of range(n), seeded by a string
+        rng, out = random.Random(f"{seed}/epoch{epoch}"), list(range(n))
+        rng.shuffle(out)
+        return out
+    pool, first = [f"t{i}" for i in range(7)], [f"o{i}" for i in range(7)]
+    slices = train.Slices(pool, first, canvas_start=2, heldout=[], total_steps=9)
+    cfg = train.make_config("cpu", slices_per_step=3, micro_batch=1, seed=5)
+    run_order = sum((order(5, e, 7) for e in range(4)), [])
+    for step in range(9):  # 27 slices: epochs 0-2 and the first 6 of epoch 3
+        stage = first if step < 2 else pool
+        assert slices.of_step(cfg, step) == [stage[i] for i in run_order[3 * step:3 * step + 3]]
+    assert sorted(order(5, 0, 7)) == list(range(7)) and len({tuple(order(5, e, 7)) for e in range(4)}) == 4
+    assert train.epoch_order(5, 2, 7) == order(5, 2, 7) != order(6, 2, 7)
+
+    cfg = tiny(tmp_path, steps=0, epochs=1.5, eval_slices=5)
+    fmt = policy.trajectory_format(cfg, policy.small_tokenizer(cfg.format))
+    packed = train.pack_data(cfg, fmt, 0, 1)
+    n = len(dqn.pack_slices(data.load_episode_sets(cfg, "train"), fmt, cfg.context_len, random.Random(cfg.seed)))
+    assert len(packed.train) == len(packed.first_stage) == n and packed.total_steps == math.floor(1.5 * n / 2) >= 3
+    assert packed.canvas_start == round(0.6 * packed.total_steps)
+    heldout = dqn.pack_slices(data.load_episode_sets(cfg, "heldout"), fmt, cfg.context_len, random.Random(cfg.seed))
+    assert [s.tokens for s in packed.heldout] == [s.tokens for s in heldout[:5]]
+    assert [s.tokens for s in train.pack_data(cfg, fmt, 1, 2).heldout] == [s.tokens for s in heldout[1:5:2]]
 
 
 def test_canvas_sets_sit_at_one_random_offset_each_and_held_out_at_the_origin(tmp_path):
     cfg = tiny(tmp_path, n_maps=8, data_dir=str(tmp_path / "data"))
-    assert cfg.canvas and cfg.facts_tokens  # the cpu preset's default
+    assert cfg.canvas and cfg.recap  # the cpu preset's default
     maps = frozenlake.train_maps(cfg.n_maps)
     plain = data.load_episode_sets(dataclasses.replace(cfg, canvas=False), "train")
     stored = json.loads(next(Path(cfg.data_dir).glob("train-*/episodes.json")).read_text())
@@ -635,7 +687,8 @@ def test_canvas_curriculum_trains_the_first_steps_at_the_origin(tmp_path, monkey
 def test_bench_train_times_the_same_step_on_both_sides(tmp_path):
     """benchmarks/bench_train.py: on its random batch (the cpu preset's vocabulary, the compact format's Q spacing)
     our Q-values equal transformers' on the same weights, so both timed steps compute one thing; the paper's step
-    and the default's step (next-token loss, the --ema average) both run and move the weights."""
+    and the default's step (train.td_loss_on with the next-token loss and the facts target, clipping, Polyak) both
+    run and move the weights, the default's by the gradient of all three losses."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
     bench = importlib.util.module_from_spec(spec)
@@ -644,22 +697,34 @@ def test_bench_train_times_the_same_step_on_both_sides(tmp_path):
     tok = policy.small_tokenizer(cfg.format)
     ours = policy.small_model(cfg, tok.n_words)
     batch = bench.random_batch(cfg, tok.n_words, 2, torch.Generator().manual_seed(0), every=3)
-    ids = torch.tensor(policy.trajectory_format(cfg, tok).action_ids)
+    fmt = policy.trajectory_format(cfg, tok)
+    ids = torch.tensor(fmt.action_ids)
     assert batch["mask"].sum() == 2 * len(range(8, 62, 3))
+    assert batch["facts"].shape == batch["actions"].shape + (4,) and batch["facts"].unique().tolist() == [0, 1, 2]
     with torch.no_grad():
         torch.testing.assert_close(dqn.q_values(ours, batch["tokens"], batch["q_positions"], ids),
                                    bench.hf_q(bench.hf_twin(ours), batch, ids), atol=1e-4, rtol=1e-4)
     start = {k: v.clone() for k, v in ours.state_dict().items()}
-    target, ema = (copy.deepcopy(ours).requires_grad_(False) for _ in range(2))
-    opt = torch.optim.AdamW(ours.parameters(), lr=cfg.lr)
-    bench.default_step(ours, target, ema, opt, batch, ids, cfg)
+    nets = networks(ours, None, copy.deepcopy(ours).requires_grad_(False), None, ids, fmt)
+    # the gradient the default step follows: the TD loss plus both weighted auxiliary losses, clipped
+    loss, aux = train.td_loss_on(batch, nets, cfg)
+    total = loss + cfg.aux_lm * aux["next_token_loss"] + cfg.aux_facts * aux["facts_loss"]
+    grads = torch.autograd.grad(total, list(ours.parameters()))
+    norm = torch.cat([g.flatten() for g in grads]).norm().item()
+    assert norm > 2 * cfg.grad_clip  # clipped: the step is lr·clip/norm·gradient (plain SGD shows it exactly)
+    bench.default_step(nets, torch.optim.SGD(ours.parameters(), lr=cfg.lr), batch, cfg)
+    names = [name for name, _ in ours.named_parameters()]
+    for name, g in zip(names, grads):
+        torch.testing.assert_close(ours.state_dict()[name] - start[name], -cfg.lr * cfg.grad_clip / norm * g,
+                                   atol=1e-7, rtol=1e-3)
     w = "layers.0.attention.wq.weight"
     moved = ours.state_dict()[w] - start[w]
-    assert moved.abs().max() > 1e-3  # AdamW's first step moves each weight by about lr
-    torch.testing.assert_close(ema.state_dict()[w] - start[w], (1 - cfg.ema) * moved)  # θ̄ ← d·θ̄ + (1−d)·θ
-    torch.testing.assert_close(target.state_dict()[w] - start[w], cfg.alpha * moved)  # Eq. 8
-    bench.our_step(ours, None, target, None, opt, batch, ids, cfg)  # the paper's double-DQN step
-    assert not torch.equal(ours.state_dict()[w], start[w] + moved)
+    assert moved.abs().max() > 0
+    torch.testing.assert_close(nets.target.state_dict()[w] - start[w], cfg.alpha * moved)  # Eq. 8
+    opt = torch.optim.AdamW(ours.parameters(), lr=cfg.lr)
+    before = ours.state_dict()[w].clone()
+    bench.our_step(ours, None, nets.target, None, opt, batch, ids, cfg)  # the paper's double-DQN step
+    assert (ours.state_dict()[w] - before).abs().max() > 1e-3  # AdamW's first step moves each weight by about lr
 
 
 def test_resolve_device_gives_a_bare_cuda_this_ranks_index(monkeypatch):
