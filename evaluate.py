@@ -227,10 +227,10 @@ def plot_paths(path, name, map_sequences, probs, run, who, n_lakes=3):
     shown = list(range(min(per_map, 8))) if trials else sorted({min(e, per_map) - 1 for e in PATH_EPISODES})
     lakes = [(r, m) for r in range(min(n_lakes, len(map_sequences))) for m in range(len(map_sequences[r]))]
     tall = [2.0 * len(map_sequences[r][m]) / len(map_sequences[r][m][0]) for r, m in lakes]  # 2 in wide, inches
-    width, height = 2.2 * len(shown), sum(tall) + 0.5 * len(lakes) + 0.4  # 0.4 in per row of titles, 0.4 on top
+    width, height = 2.2 * len(shown), sum(tall) + 0.5 * len(lakes) + 0.4  # 0.5 in per row of titles, 0.4 on top
     fig, top, grid = Figure(figsize=(width, height)), height - 0.4, []
     for i, (r, m) in enumerate(lakes):  # placed by hand: each lake row exactly as tall as its lakes
-        top -= 0.4 + tall[i]
+        top -= 0.5 + tall[i]
         grid.append([(r, m * per_map + e) for e in shown])
         for j, (_, k) in enumerate(grid[-1]):
             states, n = run["paths"][r][k], run["steps"][r][k]

@@ -7,7 +7,11 @@ frozen base between the online adapter and the target adapter. A trained run pla
 slow average of θ; `played="online"` plays θ).
 """
 import copy
+import json
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -107,7 +111,8 @@ def save_weights(cfg, model, adapter, target, target_adapter, tokenizer, out: Pa
     """The policy's directories in a checkpoint: model/ (with its tokenizer) and target/ for the cpu preset;
     adapter/ and target_adapter/ (PEFT's format) on the shared base for the IA3 presets."""
     if adapter is None:
-        llama.save(model, out / "model"), tokenizer.save(out / "model"), llama.save(target, out / "target")
+        llama.save(model, out / "model"), llama.save(target, out / "target")
+        tokenizer.save(out / "model"), tokenizer.save(out / "target")  # target/ alone is a playable policy
         return
     base = str(base_model_dir(cfg))
     adapter.save_pretrained(out / "adapter", base_model_name_or_path=base)
@@ -158,17 +163,28 @@ def checkpoint_dir(run_or_checkpoint_dir) -> Path:
 
 
 def load_policy(run_or_checkpoint_dir, device="cpu", online=False):
-    """-> (model, adapter or None, tokenizer, fmt) of a run's latest checkpoint (or a checkpoint dir), checked: every
-    file as saved, the same base model, finite weights. The target network φ plays (online: θ)."""
+    """-> (model, adapter or None, tokenizer, fmt) of a run's latest checkpoint (or a checkpoint dir, or an exported
+    policy), checked: every file as saved, the same base model, finite weights. The target network φ plays (online:
+    θ, which an exported policy does not hold)."""
     ckpt = checkpoint_dir(run_or_checkpoint_dir)
     cfg = saved_config(ckpt)
     manifest = checkpoint.verify(ckpt, [])
-    model, adapter, target, target_adapter, tokenizer = build_policy(cfg, device, ckpt)
-    if manifest.get("base_model") and manifest["base_model"] != identity(cfg, model, tokenizer)["base_model"]:
-        raise ValueError(f"{ckpt} was trained on another base model than {base_model_dir(cfg)}: give the run's "
-                         f"--model-dir")
-    if not online:
-        model, adapter = target, target_adapter
+    played = ckpt / (("model" if online else "target") if cfg.preset == "cpu" else
+                     ("adapter" if online else "target_adapter"))
+    if not played.is_dir():
+        raise FileNotFoundError(f"{ckpt} has no {played.name}/ (an exported policy holds only the target network): "
+                                f"drop --online-weights")
+    if cfg.preset == "cpu":
+        model, adapter = llama.load(played, device=device), None
+        tokenizer = llama_tokenizer.Tokenizer(played if (played / "tokenizer.model").is_file() else ckpt / "model")
+    else:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        model = llama.load(base_model_dir(cfg), device=device, dtype=dtype)
+        tokenizer = llama_tokenizer.Tokenizer(base_model_dir(cfg))
+        if manifest.get("base_model") and manifest["base_model"] != identity(cfg, model, tokenizer)["base_model"]:
+            raise ValueError(f"{ckpt} was trained on another base model than {base_model_dir(cfg)}: give the run's "
+                             f"--model-dir")
+        adapter = ia3.IA3.from_pretrained(played, model)
     if not checkpoint.all_finite([model if adapter is None else adapter]):
         raise ValueError(f"{ckpt} holds weights that are not finite (NaN or inf): play an earlier checkpoint")
     model.eval().requires_grad_(False)
@@ -177,8 +193,37 @@ def load_policy(run_or_checkpoint_dir, device="cpu", online=False):
     return model, adapter, tokenizer, trajectory_format(cfg, tokenizer)
 
 
+def export_policy(run_or_checkpoint_dir, out):
+    """The played network of a run's latest checkpoint (target/ or target_adapter/), its train_config.json and a
+    manifest of their hashes, into the new directory `out`: what `evaluate.py --run OUT` plays, without the
+    optimizer state and θ (results/cpu-seed0 was made so)."""
+    ckpt, out = checkpoint_dir(run_or_checkpoint_dir), Path(out)
+    manifest = checkpoint.verify(ckpt, [])
+    if out.exists():
+        raise ValueError(f"{out} exists: give a new directory")
+    played = "target" if saved_config(ckpt).preset == "cpu" else "target_adapter"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        shutil.copytree(ckpt / played, tmp / played)
+        shutil.copy(ckpt / "train_config.json", tmp / "train_config.json")
+        files = {str(p.relative_to(tmp)): checkpoint.file_hash(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        extra = {k: v for k, v in manifest.items() if k not in ("files",)}
+        checkpoint.atomic_write_text(tmp / "manifest.json", json.dumps({**extra, "files": files}, indent=1))
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def needed_files(cfg) -> list[str]:
     """What a checkpoint of this config must hold to resume it exactly."""
     if cfg.preset == "cpu":
         return ["model", "target"]
     return ["adapter", "target_adapter"]
+
+
+if __name__ == "__main__":  # python policy.py export RUN_DIR OUT_DIR
+    if len(sys.argv) != 4 or sys.argv[1] != "export":
+        sys.exit("usage: python policy.py export RUN_OR_CHECKPOINT_DIR OUT_DIR")
+    print(export_policy(sys.argv[2], sys.argv[3]))

@@ -658,6 +658,26 @@ def test_evaluate_loads_a_train_py_run(run_dir, monkeypatch):
     assert seen == [500]
 
 
+def test_an_exported_policy_plays_the_target_network_alone(run_dir, tmp_path):
+    """policy.export_policy: the run's target/ (weights and tokenizer), its config and a manifest, nothing else;
+    load_policy plays it as the run dir's target network, refuses --online-weights in one line, and a changed file is
+    caught by the manifest."""
+    out = policy.export_policy(run_dir, tmp_path / "exported")
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "target", "train_config.json"]
+    assert (out / "target" / "tokenizer.model").is_file()
+    exported, _, tok, fmt = policy.load_policy(out)
+    played, _, tok_run, _ = policy.load_policy(run_dir)
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), played.state_dict().values()))
+    assert tok.special_tokens == tok_run.special_tokens and fmt.canvas and fmt.recap
+    with pytest.raises(FileNotFoundError, match="has no model/ .*drop --online-weights"):
+        policy.load_policy(out, online=True)
+    with pytest.raises(ValueError, match="exists: give a new directory"):
+        policy.export_policy(run_dir, out)
+    (out / "train_config.json").write_text((out / "train_config.json").read_text() + " ")
+    with pytest.raises(checkpoint.CheckpointError, match="train_config.json: changed since it was saved"):
+        policy.load_policy(out)
+
+
 def main_error(argv, capsys):
     """evaluate.main(argv) must exit with one line `evaluate.py: error: ...` (exit status 1, no traceback)."""
     with pytest.raises(SystemExit) as exit_info:
