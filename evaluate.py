@@ -39,7 +39,7 @@ import checkpoint
 import policy
 import rollout
 from dqn import Episode
-from rollout import ModelPolicy, run_episodes, schedule
+from rollout import ModelPolicy, RecomputePolicy, run_episodes, schedule
 
 EXPERIMENTS = ("id", "ood", "stitching", "nonstationary", "demo")
 
@@ -327,7 +327,8 @@ def evaluate(cfg, policy_model=None):
         if cfg.context and cfg.context > model.args.max_seq_len:
             raise ValueError(f"--context {cfg.context} is longer than the model's {model.args.max_seq_len} "
                              f"positions: give at most {model.args.max_seq_len}")
-        policy_model = ModelPolicy(model.eval(), fmt, adapter, context=cfg.context, recompute=cfg.recompute)
+        player = RecomputePolicy if cfg.recompute else ModelPolicy  # the definition, or the same actions faster
+        policy_model = player(model.eval(), fmt, adapter, context=cfg.context)
     out_root = cfg.out or (os.path.join(cfg.run, "eval") if cfg.run else os.path.join("runs", "baselines", "eval"))
     report = {}
     for name in names:

@@ -12,11 +12,13 @@ A policy is any object with four methods (the model's `ModelPolicy` here, the ba
 The random coin and the random action are drawn from one stream per (seed, map, episode), both at every step whatever
 the coin says, so two policies that act alike see exactly the same draws.
 
-`ModelPolicy` builds each row's context incrementally from the format's pieces (the same text as dqn.tokenize_episode,
-which is the authority when an episode closes) and keeps it in a KV cache: each step feeds only the new tokens of
-every row as one right-padded chunk with per-row start positions. `recompute=True` is the slow reference that runs the
-whole context of every row at every step. The cache is allocated up front for every row at the full context (plus
-PREFILL_ALONE positions): rows × layers × 2 × (context + 64) × n_kv_heads × head_dim × bytes per element.
+The model's policy is defined by `RecomputePolicy`: each row's context is its history written in the training format
+(built step by step from the format's pieces; dqn.tokenize_episode's text is the authority when an episode closes),
+and the greedy action is the argmax of the action words' logits at its last token, the whole context run again at
+every step. `ModelPolicy` takes the same actions, faster: it keeps every row in a KV cache and feeds only the new
+tokens of all rows as one right-padded chunk with per-row start positions. The cache is allocated up front for every
+row at the full context (plus PREFILL_ALONE positions): rows × layers × 2 × (context + 64) × n_kv_heads × head_dim ×
+bytes per element.
 
 Context overflow: when a row's context would exceed `context` tokens, its oldest whole episodes are dropped until it
 fits and the row is re-prefilled; if the unfinished episode alone is too long (a looping 100-step episode), its oldest
@@ -75,12 +77,13 @@ class RowContext:
     first_step: int = 0                          # its step the context starts from (> 0 after an in-episode trim)
 
 
-class ModelPolicy:
-    """Greedy action = argmax of the action-word logits at the Q position of each row's context (see module doc)."""
+class RecomputePolicy:
+    """The model's greedy action: argmax of the action words' logits at the last token (the Q position) of each row's
+    context, the whole context run at every step (the definition; ModelPolicy is the same, faster)."""
     name = "model"
 
-    def __init__(self, model, fmt, adapter=None, context=None, recompute=False):
-        self.model, self.fmt, self.adapter, self.recompute = model, fmt, adapter, recompute
+    def __init__(self, model, fmt, adapter=None, context=None):
+        self.model, self.fmt, self.adapter = model, fmt, adapter
         # 4096 = the paper's training context; Llama 3.1's 131072 would make a 50-row cache of hundreds of GB
         self.limit = context or min(model.args.max_seq_len, 4096)
         if self.limit < 64:
@@ -93,10 +96,6 @@ class ModelPolicy:
         self.rows = [RowContext() for _ in range(n_rows)]
         self.overflows = 0                      # re-prefills caused by the context limit
         self.mismatches = 0                     # episodes whose incremental text differed from tokenize_episode's
-        self.slot_of, self.row_at = {}, []      # cache rows: active maps packed into slots 0..B-1
-        if not self.recompute:  # all rows at the full context, up front (module doc: KV-cache memory)
-            self.cache = None  # free the previous run's cache first: both at once would double the peak
-            self.cache = self.model.new_cache(n_rows, self.limit + PREFILL_ALONE, device=self.device)
 
     def add_context(self, row, episode):
         self._close_episode(self.rows[row], episode, start=len(self.rows[row].tokens), built=0)
@@ -144,9 +143,18 @@ class ModelPolicy:
             if len(st.tokens) > self.limit:
                 self._trim(st)
         with torch.inference_mode():
-            q = self._q_recompute(rows) if self.recompute else self._q_cached(rows)  # (len(rows), 4)
+            q = self._q(rows)  # (len(rows), 4)
         self.last_q = q  # the Q-values behind these actions, for qvalues.py's check
         return q.argmax(-1).tolist()
+
+    def _q(self, rows):  # Q at the last token of every row's whole context
+        ctx = [self.rows[r].tokens for r in rows]
+        tokens = torch.zeros(len(rows), max(map(len, ctx)), dtype=torch.long)
+        for i, c in enumerate(ctx):
+            tokens[i, :len(c)] = torch.tensor(c)
+        last = torch.tensor([[len(c) - 1] for c in ctx])  # (B, 1): Q position = the last token
+        return self.model(tokens.to(self.device), adapter=self.adapter, logits_at=last.to(self.device),
+                          vocab_ids=self.action_ids)[:, 0]
 
     def _state(self, episode, t):  # the state number the format writes (the canvas tile under a canvas format)
         s = episode.observations[t]
@@ -175,14 +183,17 @@ class ModelPolicy:
         st.fed = 0
         self.overflows += 1
 
-    def _q_recompute(self, rows):
-        ctx = [self.rows[r].tokens for r in rows]
-        tokens = torch.zeros(len(rows), max(map(len, ctx)), dtype=torch.long)
-        for i, c in enumerate(ctx):
-            tokens[i, :len(c)] = torch.tensor(c)
-        last = torch.tensor([[len(c) - 1] for c in ctx])  # (B, 1): Q position = the last token
-        return self.model(tokens.to(self.device), adapter=self.adapter, logits_at=last,
-                          vocab_ids=self.action_ids)[:, 0]
+
+
+class ModelPolicy(RecomputePolicy):
+    """RecomputePolicy's actions, faster: every row's context stays in a KV cache and each step feeds only its new
+    tokens (module doc); a re-prefill after an overflow feeds the row again from its start."""
+
+    def reset(self, n_rows):
+        super().reset(n_rows)
+        self.slot_of, self.row_at = {}, []      # cache rows: active maps packed into slots 0..B-1
+        self.cache = None  # free the previous run's cache first: both at once would double the peak
+        self.cache = self.model.new_cache(n_rows, self.limit + PREFILL_ALONE, device=self.device)
 
     def _pack_slots(self, rows):
         """Keep the active rows in cache slots 0..B-1: a finished row's slot gets the last slot's row (one copy)."""
@@ -199,7 +210,7 @@ class ModelPolicy:
                 self.slot_of[row] = len(self.row_at)
                 self.row_at.append(row)
 
-    def _q_cached(self, rows):
+    def _q(self, rows):
         cache = self.cache
         self._pack_slots(rows)
         B = len(self.row_at)

@@ -78,7 +78,7 @@ def measure(model, adapter, fmt, maps, probs, args) -> dict:
     print(f"cached+batched, {len(maps)} maps, full run: {steps} steps in {calls} batched steps, {seconds:.1f} s, "
           f"{steps / seconds:.0f} steps/s, {fast.overflows} context overflows")
     subset = maps[:args.slow_maps]
-    s_steps, s_calls, s_seconds = timed(rollout.ModelPolicy(model, fmt, adapter, recompute=True), subset, probs,
+    s_steps, s_calls, s_seconds = timed(rollout.RecomputePolicy(model, fmt, adapter), subset, probs,
                                         seconds=args.slow_seconds)
     print(f"recompute, {len(subset)} maps, time-boxed: {s_steps} steps in {s_calls} batched steps, {s_seconds:.1f} s, "
           f"{s_steps / s_seconds:.1f} steps/s")

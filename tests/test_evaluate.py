@@ -61,11 +61,10 @@ def exact_random_success(desc, max_steps=100):
 
 
 def record_q(player):
-    """Keeps every Q-value tensor a ModelPolicy's Q computation (cached or recompute path) returns, in call order."""
-    qs = []
-    for name in ("_q_cached", "_q_recompute"):
-        compute = getattr(player, name)
-        setattr(player, name, lambda rows, compute=compute: qs.append(compute(rows)) or qs[-1])
+    """Keeps every Q-value tensor a policy's Q computation (ModelPolicy's cache or RecomputePolicy's) returns, in
+    call order."""
+    qs, compute = [], player._q
+    player._q = lambda rows: qs.append(compute(rows)) or qs[-1]
     return qs
 
 
@@ -284,7 +283,7 @@ def test_cached_batched_path_chooses_the_same_actions_as_recompute():
     probs = rollout.schedule(6, warmup=4)
     logs, paths, overflows, qs = [], [], [], []
     for recompute in (False, True):
-        player = Recorder(rollout.ModelPolicy(model, fmt, context=300, recompute=recompute))
+        player = Recorder((rollout.RecomputePolicy if recompute else rollout.ModelPolicy)(model, fmt, context=300))
         qs.append(record_q(player.policy))
         out = rollout.run_episodes(player, maps, probs, seed=2, max_steps=40)
         logs.append(player.log)
@@ -302,7 +301,7 @@ def test_cached_path_matches_recompute_without_overflow(fmt_name):
     maps = [[m] for m in frozenlake.test_maps()[5:8] + frozenlake.ood_maps()[3:4]]
     logs, qs = [], []
     for recompute in (False, True):
-        player = Recorder(rollout.ModelPolicy(model, fmt, context=4096, recompute=recompute))
+        player = Recorder((rollout.RecomputePolicy if recompute else rollout.ModelPolicy)(model, fmt, context=4096))
         qs.append(record_q(player.policy))
         rollout.run_episodes(player, maps, [0.0, 1.0, 1.0], seed=0, max_steps=12)
         logs.append(player.log)
@@ -389,7 +388,7 @@ def test_model_policy_with_an_oracle_q_function_succeeds_in_every_greedy_episode
     maps = lakes_with_distinct_starts(4, 2)
     assert len({(len(m), len(m[0])) for m in maps}) >= 4 and len(maps) == 6
     model = OracleQModel(policy.small_tokenizer(), maps)
-    player = rollout.ModelPolicy(model, model.fmt, context=160, recompute=recompute)
+    player = (rollout.RecomputePolicy if recompute else rollout.ModelPolicy)(model, model.fmt, context=160)
     out = rollout.run_episodes(player, [[m] for m in maps], [1.0] * 4, seed=3)
     for desc, success, steps, paths in zip(maps, out["success"], out["steps"], out["paths"]):
         assert success == [1.0] * 4
