@@ -352,7 +352,7 @@ def test_presets_and_cli(tmp_path, capsys):
     assert (cpu.dim, cpu.n_layers, cpu.context_len, cpu.slices_per_step, cpu.micro_batch, cpu.lr, cpu.grad_clip) == \
         (128, 4, 1024, 8, 4, 3e-3, 1.0)
     assert (cpu.steps, cpu.sets_per_map, cpu.format, cpu.recap, cpu.canvas, cpu.aux_lm, cpu.aux_facts) == \
-        (700, 12, "compact", True, True, 30.0, 30.0)
+        (1000, 12, "compact", True, True, 30.0, 100.0)
     assert (cpu.quality, cpu.alpha, cpu.eval_every, cpu.eval_slices, cpu.save_every) == ("low", 0.01, 40, 8, 80)
     # TrainConfig() is the paper's recipe (§3.3-4), the IA3 presets': on an HF dir of a base with 4096 positions
     base = policy.small_model(train.make_config("cpu", dim=32, n_layers=1, context_len=4096), 300)
