@@ -114,6 +114,28 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def metrics_log(run_dir: Path, step: int, rank: int, resume: bool):
+    """-> log(record): one JSON line per record in RUN/metrics.jsonl (rank 0); a resumed run keeps the lines up to
+    its checkpoint's step."""
+    path = run_dir / "metrics.jsonl"
+    if rank:
+        return lambda record: None
+    old = path.read_text().splitlines() if resume and path.exists() else []
+    atomic_write_text(path, "".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
+
+    def log(record):
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    return log
+
+
+def last_good(run_dir: Path) -> str:
+    """What to do after a non-finite loss or weight: the newest checkpoint is finite (nothing else is saved)."""
+    last = latest_checkpoint(run_dir)
+    return (f"The last checkpoint, {last}, is finite: lower --lr or set --grad-clip, then --resume."
+            if last else "No checkpoint yet: lower --lr or set --grad-clip and start again.")
+
+
 def all_finite(modules) -> bool:
     return all(torch.isfinite(p).all() for m in modules if m is not None for p in m.parameters())
 

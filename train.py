@@ -279,7 +279,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     collate = functools.partial(collate_on, cfg=cfg, pad_id=fmt.eos[0], ids=nets.ids, device=device)
     heldout = lambda: heldout_loss(slices.heldout, collate, nets, cfg, world, device)  # noqa: E731
     save = functools.partial(save_checkpoint, cfg, run_dir, nets, tokenizer, optimizer, identity, rank, world)
-    log = metrics_log(run_dir, step, rank, cfg.resume)
+    log = checkpoint.metrics_log(run_dir, step, rank, cfg.resume)
     if rank == 0:
         print(f"[train] {cfg.preset}: {len(slices.train)} slices of <= {cfg.context_len} tokens, "
               f"{slices.total_steps} steps x {cfg.slices_per_step} slices, {sum(p.numel() for p in theta):,} "
@@ -408,54 +408,35 @@ def optimizer_step(optimizer, nets, loss: float, norm: float, lr: float, step: i
     """optimizer.step(), guarded: nothing non-finite goes into the weights or, later, a checkpoint."""
     if not (math.isfinite(loss) and math.isfinite(norm)):
         raise FloatingPointError(f"loss {loss}, gradient norm {norm} at step {step}; stopped before the update. "
-                                 f"{last_good(run_dir)}")
+                                 f"{checkpoint.last_good(run_dir)}")
     try:
         optimizer.step()
     except RuntimeError as e:  # AdamW's lr-scaled terms overflow float32 before any weight is written
-        raise FloatingPointError(f"the update of step {step} overflowed (lr {lr:.3g}: {e}). {last_good(run_dir)}")
+        raise FloatingPointError(f"the update of step {step} overflowed (lr {lr:.3g}: {e}). "
+                                 f"{checkpoint.last_good(run_dir)}")
     if not checkpoint.all_finite([nets.adapter or nets.model]):
         raise FloatingPointError(f"the update of step {step} made the weights non-finite (lr {lr:.3g}). "
-                                 f"{last_good(run_dir)}")
+                                 f"{checkpoint.last_good(run_dir)}")
 
 
 def finite(value: float, message: str, run_dir: Path, with_last=True) -> float:
     if not math.isfinite(value):
-        raise FloatingPointError(message.format(value) + (f". {last_good(run_dir)}" if with_last else ""))
+        raise FloatingPointError(message.format(value) + (f". {checkpoint.last_good(run_dir)}" if with_last else ""))
     return value
-
-
-def last_good(run_dir: Path) -> str:
-    last = checkpoint.latest_checkpoint(run_dir)
-    return (f"The last checkpoint, {last}, is finite: lower --lr or set --grad-clip, then --resume."
-            if last else "No checkpoint yet: lower --lr or set --grad-clip and start again.")
 
 
 def save_checkpoint(cfg, run_dir, nets, tokenizer, optimizer, identity, rank, world, step) -> Path:
     """Rank 0 writes (never a non-finite weight), the others wait so that no rank runs ahead of a checkpoint."""
     if rank == 0:
         if not checkpoint.all_finite([nets.adapter or nets.model, nets.target_adapter or nets.target]):
-            raise FloatingPointError(f"weights are not finite at step {step}; not saved. {last_good(run_dir)}")
+            raise FloatingPointError(f"weights are not finite at step {step}; not saved. "
+                                     f"{checkpoint.last_good(run_dir)}")
         write = functools.partial(policy.save_weights, cfg, nets.model, nets.adapter, nets.target,
                                   nets.target_adapter, tokenizer)
         checkpoint.save(run_dir, step, asdict(cfg), write, optimizer, {"step": step}, identity)
     if world > 1:
         dist.barrier()
     return run_dir / "checkpoints" / f"step_{step:06d}"
-
-
-def metrics_log(run_dir: Path, step: int, rank: int, resume: bool):
-    """-> log(record): one JSON line per record in RUN/metrics.jsonl (rank 0); a resumed run keeps the lines up to
-    its checkpoint's step."""
-    path = run_dir / "metrics.jsonl"
-    if rank:
-        return lambda record: None
-    old = path.read_text().splitlines() if resume and path.exists() else []
-    checkpoint.atomic_write_text(path, "".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
-
-    def log(record):
-        with path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-    return log
 
 
 def plot_losses(metrics_file: Path, png: Path, canvas_start: int = 0):
