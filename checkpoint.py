@@ -168,7 +168,7 @@ def save(run_dir: Path, step: int, config: dict, write_weights, optimizer, train
 
 
 def restore(ckpt: Path, optimizer, device) -> dict:
-    """The optimizer's state and the RNGs as saved; returns the trainer state (step, online rounds, ...)."""
+    """The optimizer's state and the RNGs as saved; returns the trainer state (the step, ...)."""
     optimizer.load_state_dict(read_torch(ckpt / "optimizer.pt", map_location=device))
     state = read_torch(ckpt / "trainer_state.pt", weights_only=False)
     random.setstate(state["python_rng"])

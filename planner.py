@@ -3,8 +3,9 @@
 Frozen Lake is deterministic, so every step written in a context is a fact: (s, a) leads to s', an episode ended on
 entering s' with reward r. `ContextModel` collects those facts, with no geometry (a state is only a number, as for the
 model). Two users:
-- the facts tokens of the compact format (compact.CompactFormat, our input-side deviation): `facts(s)` says for each of
-  the 4 moves of s whether the context shows it untried (0), a dead end (1: a hole or a bump into the edge) or open (2);
+- the cpu preset's facts target (compact.context_facts, a training target the model must infer, never an input):
+  `facts(s)` says for each of the 4 moves of s whether the context shows it untried (0), a dead end (1: a hole or a
+  bump into the edge) or open (2);
 - the context-planner baseline (baselines.PlannerPolicy): an optimistic model-based planner (R-max, Brafman &
   Tennenholtz 2002) on the same facts, what a learner could do with exactly the model's context:
 
