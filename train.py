@@ -79,14 +79,15 @@ class TrainConfig:
 
 # The cpu preset: the paper's recipe with these deviations, in the README's order and words.
 CPU = dict(
-    dim=128, n_layers=4, context_len=1024, slices_per_step=8, micro_batch=4, lr=3e-3, grad_clip=1.0,  # small model
+    dim=128, n_layers=4, context_len=1024, slices_per_step=8, micro_batch=4, lr=3e-3,  # small model, all weights,
+    grad_clip=1.0,                  # from random init
     steps=1000, sets_per_map=12,    # a shorter run: 1000 steps over 12 sets per map
     format="compact", recap=True,   # compact format: one token per step piece, a recap per finished episode
     canvas=True,                    # canvas states with a curriculum (--canvas-from)
     aux_lm=30.0,                    # auxiliary next-token loss
     aux_facts=100.0,                # auxiliary facts target: what the context shows about each move
     quality="low",                  # failed episodes 5x more likely in a set
-    alpha=0.01,                     # a slower target network, the played policy
+    alpha=0.01,                     # α 0.01: a slower target network
     eval_every=40, eval_slices=8, save_every=80)  # bookkeeping at this scale
 PRESETS = {"cpu": CPU, "smollm2": {}, "llama3.1-8b": {}}
 MODEL_FIELDS = ("preset", "format", "recap", "canvas", "model_dir", "dim", "n_layers")
