@@ -21,8 +21,8 @@
 #                    + ~10 s of transfers, then give_back (a warm machine's idle time counts)  = 320 s
 #   left: 900 - 660 = 240 s (4 min) for a failed start (1-2 min) or a rerun of a call that failed early.
 #   Call 1, 240 s (each box shrinks to what is left): environment, wheels, part-a's sha256 ~10 s; bench
-#     <= 45 (micro-batches 1 and 10, 1 + 5 steps each, then decode); the cpu preset's train.py <= 110 (700
-#     steps of 8 x 1024 tokens on a 1.2M-parameter model, kernel-launch bound: ~20-40 ms a step, ~30-60 s
+#     <= 45 (micro-batches 1 and 10, 1 + 5 steps each, then decode); the cpu preset's train.py <= 110 (1000
+#     steps of 8 x 1024 tokens on a 1.2M-parameter model, kernel-launch bound: ~20-40 ms a step, ~40-80 s
 #     with data and packing); evaluate.py id <= 30, ood <= 55 (on 2 CPU cores 20 s and 55 s). A first call
 #     that ends early prints `TOTAL_SECONDS=N bash benchmarks/gpu_run.sh second`: N = 290 + its unused
 #     seconds (at most 560), for the second call's run with timeout_s N + 40.
