@@ -10,12 +10,15 @@ map, so larger maps meet trained tokens. Nothing computed across episodes enters
 Two auxiliary training targets (never inputs) ask the model for the lookups its Q-values need: the next token
 (next_token_loss) and what the context shows about each move of the state (facts_loss).
 """
+import random
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 import dqn
+import frozenlake
+import llama_tokenizer
 import planner
 
 RECAP_TAGS = ("goal", "hole", "wall", "other")  # priority order when one (s, a) gets several tags in an episode
@@ -94,6 +97,17 @@ class CompactFormat:
                       if self.recap else [])
 
 
+def small_tokenizer(fmt: str = "paper") -> llama_tokenizer.Tokenizer:
+    """Bytes plus merges that make every text piece of the format (dqn.FORMAT_TEXTS) one token, and the Llama 3
+    special-token names; "compact" adds COMPACT_SPECIALS. So `--format paper` writes the paper's text."""
+    ranks = {bytes([b]): b for b in range(256)}
+    for text in dqn.FORMAT_TEXTS:
+        for k in range(2, len(text) + 1):
+            ranks.setdefault(text[:k].encode(), len(ranks))
+    specials = llama_tokenizer.LLAMA3_SPECIALS + (COMPACT_SPECIALS if fmt == "compact" else [])
+    return llama_tokenizer.Tokenizer.from_ranks(ranks, llama_tokenizer.LLAMA3_PATTERN, specials)
+
+
 CANVAS = 8  # the canvas is 8 x 8: the largest map the 64 state tokens hold
 
 
@@ -128,7 +142,6 @@ def next_token_loss(logits, batch) -> torch.Tensor:
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["tokens"][:, 1:].flatten().to(logits.device),
                           reduction="none").view(mask.shape)                               # (B, T-1)
     return (nll * mask).sum() / mask.sum().clamp(min=1)
-
 
 
 def context_facts(tokens: list[int], ids: dict) -> list[list[int]]:
@@ -176,3 +189,51 @@ def facts_loss(logits, batch, ids: dict) -> torch.Tensor:
                           reduction="none").view(at.shape + (4,)).mean(-1)                # (B, P)
     mask = batch["mask"].to(logits.device).float()
     return (nll * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What the model reads: `python compact.py`
+
+EXAMPLE_MAP = ["SFF", "HHF", "FFG"]  # start 0, goal 8
+EXAMPLE_ACTIONS = (2, 2, 1, 1)      # right, right, down, down: 0 → 1 → 2 → 5 → 8, the goal
+
+
+def main():
+    """Print one short episode as the model reads it, in the paper's text and in the cpu preset's compact format:
+    every token (position, id, text), the Q positions, the action taken at each and its Eq. 6 target."""
+    gamma, scale = 0.9, 30.0  # train.py's --gamma and --reward-scale
+    env = frozenlake.FrozenLake(EXAMPLE_MAP)
+    ep = dqn.Episode([env.reset(seed=0)[0]], [], [], ncol=env.ncol)
+    for a in EXAMPLE_ACTIONS:
+        s, r, _, _, _ = env.step(a)
+        ep.observations.append(s), ep.actions.append(a), ep.rewards.append(r)
+    steps = " ".join(f"-{dqn.ACTION_WORDS[a]}-> {s}" for a, s in zip(ep.actions, ep.observations[1:]))
+    print(f"One episode on the lake {' / '.join(EXAMPLE_MAP)} (states row·3 + col): {ep.observations[0]} {steps} "
+          f"(goal, R = {sum(ep.rewards):g}).\nγ = {gamma}; θ: the online network, φ: the target network.")
+    paper, small = small_tokenizer("paper"), small_tokenizer("compact")
+    for title, tok, fmt, written in (
+            ("The paper's text (TrajectoryFormat, the cpu preset's vocabulary)", paper,
+             dqn.TrajectoryFormat.for_tokenizer(paper), ep),
+            ("The compact format (CompactFormat as the cpu preset writes it: tile (r, c) is state r·8 + c)",
+             small, CompactFormat(small.special_tokens, canvas=True), to_canvas(ep))):
+        sl = dqn.pack_slices([[written]], fmt, 4096, random.Random(0))[0]
+        zeros = torch.zeros(1, len(sl.actions), 4)  # no model: only the final targets (30·R) are numbers
+        y = dqn.bellman_targets(zeros, zeros, dqn.collate([sl], pad_id=0), gamma, scale)[0]
+        print(f"\n{title}: {len(sl.tokens)} tokens. Q_θ(h_t, a) = the LM head's logits of ids {fmt.action_ids} "
+              f"({', '.join(dqn.ACTION_WORDS)}) at the Q position of a_t; h_t = the tokens up to it.")
+        print("  pos      id  token")
+        q_at = {p: t for t, p in enumerate(sl.q_positions)}
+        for pos, i in enumerate(sl.tokens):
+            note, t = "", q_at.get(pos)
+            if t is not None and sl.is_last[t]:  # Eq. 6, the episode's last action
+                note = f"y_{t} = {scale:g}·R = {scale:g}·{sl.rewards[t]:g} = {y[t].item():g}"
+            elif t is not None:  # Eq. 6, bootstrapped from the same episode's next Q position
+                nxt = sl.q_positions[sl.next_index[t]]
+                note = f"y_{t} = {gamma}·Q_φ(h_{t + 1}, argmax_a Q_θ(h_{t + 1}, a)), h_{t + 1} = tokens 0..{nxt}"
+            if t is not None:
+                note = f"<- Q position, a_{t} = {dqn.ACTION_WORDS[sl.actions[t]]}: {note}"
+            print(f"  {pos:3d} {i:7d}  {tok.decode([i]):<22s}{note}".rstrip())
+
+
+if __name__ == "__main__":
+    main()

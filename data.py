@@ -11,16 +11,18 @@ Where it differs from the paper: its "traditional RL algorithm" is unpublished, 
 canvas (cpu preset) each training set sits at a random offset on the 8x8 canvas (held-out sets at the origin, where
 evaluate.py plays), so larger maps meet trained state tokens.
 """
+import functools
 import hashlib
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import checkpoint
 import compact
 import dqn
 import frozenlake
-import checkpoint
 
 DATA_VERSION = 1  # bump when the generator changes: every cached data set is then regenerated
 
@@ -148,3 +150,42 @@ def load_episode_sets(cfg, split: str, canvas_origin=False) -> list[list[dqn.Epi
 def canvas_offset(rows: int, cols: int, rng: random.Random) -> tuple[int, int]:
     """A random (row, col) offset that keeps a rows x cols map on the 8x8 canvas."""
     return int(rng.random() * (compact.CANVAS - rows + 1)), int(rng.random() * (compact.CANVAS - cols + 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A run's slices: both canvas stages packed once, and the order a run reads them
+
+
+@dataclass
+class Slices:
+    """The packed training slices of both canvas stages and this rank's held-out slices."""
+    train: list            # every set at a random canvas offset (or no canvas)
+    first_stage: list      # the canvas curriculum's first stage: every set at the canvas origin (else = train)
+    canvas_start: int      # the first step of the second stage (0: one stage)
+    heldout: list
+    total_steps: int
+
+    def of_step(self, cfg, step: int) -> list:
+        """The step's slices: the global order is a fresh seeded permutation of the stage's slices per epoch."""
+        pool = self.first_stage if step < self.canvas_start else self.train
+        return [pool[epoch_order(cfg.seed, epoch, len(pool))[i]]
+                for epoch, i in (divmod(g, len(pool)) for g in range(step * cfg.slices_per_step,
+                                                                     (step + 1) * cfg.slices_per_step))]
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    order = list(range(n))
+    random.Random(f"{seed}/epoch{epoch}").shuffle(order)
+    return order
+
+
+def pack_data(cfg, fmt, rank: int, world: int) -> Slices:
+    """train.py's slices (dqn.pack_slices of the cached sets) and the run's length in steps."""
+    pack = lambda sets: dqn.pack_slices(sets, fmt, cfg.context_len, random.Random(cfg.seed))  # noqa: E731
+    train = pack(load_episode_sets(cfg, "train"))
+    heldout = pack(load_episode_sets(cfg, "heldout"))[:cfg.eval_slices][rank::world]  # sets at the origin
+    total = cfg.steps or max(1, int(cfg.epochs * len(train) // cfg.slices_per_step))
+    canvas_start = min(round(cfg.canvas_from * total), total - 1) if cfg.canvas and cfg.canvas_from else 0
+    first = pack(load_episode_sets(cfg, "train", canvas_origin=True)) if canvas_start else train
+    return Slices(train, first, canvas_start, heldout, total)

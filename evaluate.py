@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 import baselines
-import frozenlake
 import checkpoint
+import frozenlake
 import policy
 import rollout
 from dqn import Episode

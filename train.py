@@ -15,7 +15,6 @@ import functools
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -173,44 +172,6 @@ def check_config(cfg: TrainConfig):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The data of a step
-
-
-@dataclass
-class Slices:
-    """The packed training slices of both canvas stages and this rank's held-out slices."""
-    train: list            # every set at a random canvas offset (or no canvas)
-    first_stage: list      # the canvas curriculum's first stage: every set at the canvas origin (else = train)
-    canvas_start: int      # the first step of the second stage (0: one stage)
-    heldout: list
-    total_steps: int
-
-    def of_step(self, cfg, step: int) -> list:
-        """The step's slices: the global order is a fresh seeded permutation of the stage's slices per epoch."""
-        pool = self.first_stage if step < self.canvas_start else self.train
-        return [pool[epoch_order(cfg.seed, epoch, len(pool))[i]]
-                for epoch, i in (divmod(g, len(pool)) for g in range(step * cfg.slices_per_step,
-                                                                     (step + 1) * cfg.slices_per_step))]
-
-
-@functools.lru_cache(maxsize=4)
-def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
-    order = list(range(n))
-    random.Random(f"{seed}/epoch{epoch}").shuffle(order)
-    return order
-
-
-def pack_data(cfg, fmt, rank: int, world: int) -> Slices:
-    pack = lambda sets: dqn.pack_slices(sets, fmt, cfg.context_len, random.Random(cfg.seed))  # noqa: E731
-    train = pack(data.load_episode_sets(cfg, "train"))
-    heldout = pack(data.load_episode_sets(cfg, "heldout"))[:cfg.eval_slices][rank::world]  # sets at the origin
-    total = cfg.steps or max(1, int(cfg.epochs * len(train) // cfg.slices_per_step))
-    canvas_start = min(round(cfg.canvas_from * total), total - 1) if cfg.canvas and cfg.canvas_from else 0
-    first = pack(data.load_episode_sets(cfg, "train", canvas_origin=True)) if canvas_start else train
-    return Slices(train, first, canvas_start, heldout, total)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # The loss
 
 
@@ -269,9 +230,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     check_config(cfg)
     run_dir, (rank, world, device) = Path(cfg.out or f"runs/{cfg.preset}"), start_processes(cfg)
     resume_from = prepare_run(cfg, run_dir, rank, world)
-    nets, tokenizer, identity = build_networks(cfg, device, resume_from)
-    fmt = policy.trajectory_format(cfg, tokenizer)
-    slices = pack_data(cfg, fmt, rank, world)
+    nets, tokenizer, fmt, identity = build_networks(cfg, device, resume_from)
+    slices = data.pack_data(cfg, fmt, rank, world)
     theta = list((nets.adapter or nets.model).parameters())
     phi = list((nets.target_adapter or nets.target).parameters())
     optimizer = torch.optim.AdamW([p for p in theta if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -289,6 +249,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     if step == 0 and cfg.eval_every:  # the untrained model's held-out loss: what "the loss falls" is against
         log({"step": 0, "heldout_loss": finite(heldout(), "held-out loss {} before training: the initial weights "
                                                "are not finite", run_dir, with_last=False)})
+    weights = torch.tensor([1.0, cfg.aux_lm, cfg.aux_facts], device=device)  # of the TD loss and AUX
     from tqdm import tqdm
     bar = tqdm(total=slices.total_steps, initial=step, disable=True if rank or not progress else None)
     with bar, checkpoint.stop_requests() as stop:
@@ -303,7 +264,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 batch = collate(mine[i:i + cfg.micro_batch])
                 loss, aux = td_loss_on(batch, nets, cfg)                                        # Eq. 6-7
                 losses = torch.stack([loss, *(aux.get(k, loss.new_zeros(())) for k in AUX)])
-                weights = torch.tensor([1.0, cfg.aux_lm, cfg.aux_facts], device=device)
                 share = len(batch["tokens"]) / cfg.slices_per_step  # the mean over the whole step's slices
                 ((losses * weights).sum() * share).backward()
                 sums += losses.detach().float() * share
@@ -359,8 +319,8 @@ def prepare_run(cfg, run_dir: Path, rank: int, world: int) -> Path | None:
     return checkpoint.resume_point(run_dir, policy.needed_files(cfg)) if cfg.resume else None
 
 
-def build_networks(cfg, device, resume_from) -> tuple[Networks, object, dict]:
-    """-> (θ and φ, the tokenizer, the identity every checkpoint records). The cpu preset trains in fp32 on any
+def build_networks(cfg, device, resume_from) -> tuple[Networks, object, object, dict]:
+    """-> (θ and φ, the tokenizer, the trajectory format, the identity every checkpoint records). The cpu preset trains in fp32 on any
     device; the IA3 presets keep a frozen bf16 base on CUDA, with autocast and gradient checkpointing."""
     model, adapter, target, target_adapter, tokenizer = policy.build_policy(cfg, device, resume_from)
     identity = policy.identity(cfg, model, tokenizer)  # IA3: the base model the adapters belong to
@@ -371,7 +331,7 @@ def build_networks(cfg, device, resume_from) -> tuple[Networks, object, dict]:
     model.gradient_checkpointing = bf16
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     return Networks(model, adapter, target, target_adapter, torch.tensor(fmt.action_ids, device=device),
-                    getattr(fmt, "ids", None), autocast), tokenizer, identity
+                    getattr(fmt, "ids", None), autocast), tokenizer, fmt, identity
 
 
 def collate_on(slices, cfg, pad_id, ids, device) -> dict:

@@ -604,14 +604,15 @@ def test_no_token_of_an_episode_depends_on_another_episodes_steps():
     assert len(seen) > 50 and any(ep.truncated for eps in finished.values() for ep in eps)
 
 
-def test_python_dqn_py_prints_the_episode_with_tokenize_episodes_q_positions():
-    """`python dqn.py`: the episode 0 -> 1 -> 2 -> 5 -> 8 of a 3x3 lake token by token in both formats, with the Q
+def test_python_compact_py_prints_the_episode_with_tokenize_episodes_q_positions():
+    """`python compact.py`: the episode 0 -> 1 -> 2 -> 5 -> 8 of a 3x3 lake token by token in both formats, with the Q
     positions of dqn.tokenize_episode marked (hand-counted too: the paper's text spends 10 tokens per step, the
     compact format 2), each with its action and Eq. 6 target; dqn itself imports no cpu-preset module."""
     import subprocess
     import sys
     from pathlib import Path
-    code = "import sys, dqn; assert not {'compact', 'policy'} & set(sys.modules), 'cpu-preset import'; dqn.main()"
+    code = ("import sys, dqn; assert not {'compact', 'policy', 'planner'} & set(sys.modules), 'cpu-preset import'; "
+            "import compact; compact.main()")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
     episode = Episode([0, 1, 2, 5, 8], [RIGHT, RIGHT, DOWN, DOWN], [0.0, 0.0, 0.0, 1.0], False, ncol=3)

@@ -608,24 +608,24 @@ def test_the_data_order_is_a_seeded_permutation_of_the_slices_per_epoch(tmp_path
         rng.shuffle(out)
         return out
     pool, first = [f"t{i}" for i in range(7)], [f"o{i}" for i in range(7)]
-    slices = train.Slices(pool, first, canvas_start=2, heldout=[], total_steps=9)
+    slices = data.Slices(pool, first, canvas_start=2, heldout=[], total_steps=9)
     cfg = train.make_config("cpu", slices_per_step=3, micro_batch=1, seed=5)
     run_order = sum((order(5, e, 7) for e in range(4)), [])
     for step in range(9):  # 27 slices: epochs 0-2 and the first 6 of epoch 3
         stage = first if step < 2 else pool
         assert slices.of_step(cfg, step) == [stage[i] for i in run_order[3 * step:3 * step + 3]]
     assert sorted(order(5, 0, 7)) == list(range(7)) and len({tuple(order(5, e, 7)) for e in range(4)}) == 4
-    assert train.epoch_order(5, 2, 7) == order(5, 2, 7) != order(6, 2, 7)
+    assert data.epoch_order(5, 2, 7) == order(5, 2, 7) != order(6, 2, 7)
 
     cfg = tiny(tmp_path, steps=0, epochs=1.5, eval_slices=5)
     fmt = policy.trajectory_format(cfg, policy.small_tokenizer(cfg.format))
-    packed = train.pack_data(cfg, fmt, 0, 1)
+    packed = data.pack_data(cfg, fmt, 0, 1)
     n = len(dqn.pack_slices(data.load_episode_sets(cfg, "train"), fmt, cfg.context_len, random.Random(cfg.seed)))
     assert len(packed.train) == len(packed.first_stage) == n and packed.total_steps == math.floor(1.5 * n / 2) >= 3
     assert packed.canvas_start == round(0.6 * packed.total_steps)
     heldout = dqn.pack_slices(data.load_episode_sets(cfg, "heldout"), fmt, cfg.context_len, random.Random(cfg.seed))
     assert [s.tokens for s in packed.heldout] == [s.tokens for s in heldout[:5]]
-    assert [s.tokens for s in train.pack_data(cfg, fmt, 1, 2).heldout] == [s.tokens for s in heldout[1:5:2]]
+    assert [s.tokens for s in data.pack_data(cfg, fmt, 1, 2).heldout] == [s.tokens for s in heldout[1:5:2]]
 
 
 def test_canvas_sets_sit_at_one_random_offset_each_and_held_out_at_the_origin(tmp_path):
