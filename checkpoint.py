@@ -140,27 +140,35 @@ def all_finite(modules) -> bool:
     return all(torch.isfinite(p).all() for m in modules if m is not None for p in m.parameters())
 
 
-def save(run_dir: Path, step: int, config: dict, write_weights, optimizer, trainer_state: dict,
-         identity: dict) -> Path:
-    """write_weights(tmp_dir) writes the model directories; the rest is written here, then renamed into place."""
-    final = run_dir / "checkpoints" / f"step_{step:06d}"
+def write_dir(final: Path, write, manifest: dict) -> Path:
+    """write(tmp) fills a temporary directory beside `final`; a manifest.json with every file's sha256 (and the
+    `manifest` entries) is added, then the directory is renamed into place, replacing an older one: a kill leaves
+    the old or the new, never half of one."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
     try:
+        write(tmp)
+        files = {str(p.relative_to(tmp)): file_hash(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        atomic_write_text(tmp / "manifest.json", json.dumps({**manifest, "files": files}, indent=1))
+        if final.exists():  # the same step saved twice (periodic + final): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def save(run_dir: Path, step: int, config: dict, write_weights, optimizer, trainer_state: dict,
+         identity: dict) -> Path:
+    """write_weights(tmp_dir) writes the model directories; the rest is written here, then renamed into place."""
+    def write(tmp):
         atomic_write_text(tmp / "train_config.json", json.dumps(config, indent=1))
         write_weights(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         rng = {"python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         torch.save({**trainer_state, **rng}, tmp / "trainer_state.pt")
-        files = {str(p.relative_to(tmp)): file_hash(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        atomic_write_text(tmp / "manifest.json", json.dumps({"step": step, "files": files, **identity},
-                                                                  indent=1))
-        if final.exists():  # the same step saved twice (periodic + final): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    final = write_dir(run_dir / "checkpoints" / f"step_{step:06d}", write, {"step": step, **identity})
     atomic_write_text(run_dir / "latest", str(final.relative_to(run_dir)))
     for old in checkpoints(run_dir)[KEEP:]:
         shutil.rmtree(old, ignore_errors=True)

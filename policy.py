@@ -7,11 +7,9 @@ frozen base between the online adapter and the target adapter. A trained run pla
 slow average of θ; `online=True` plays θ).
 """
 import copy
-import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -195,17 +193,11 @@ def export_policy(run_or_checkpoint_dir, out):
     if out.exists():
         raise ValueError(f"{out} exists: give a new directory")
     played = "target" if saved_config(ckpt).preset == "cpu" else "target_adapter"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+
+    def write(tmp):
         shutil.copytree(ckpt / played, tmp / played)
         shutil.copy(ckpt / "train_config.json", tmp / "train_config.json")
-        files = {str(p.relative_to(tmp)): checkpoint.file_hash(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        extra = {k: v for k, v in manifest.items() if k not in ("files",)}
-        checkpoint.atomic_write_text(tmp / "manifest.json", json.dumps({**extra, "files": files}, indent=1))
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    checkpoint.write_dir(out, write, {k: v for k, v in manifest.items() if k != "files"})
     return out
 
 
