@@ -62,7 +62,6 @@ class TrainConfig:
     micro_batch: int = option(1, "slices per forward pass (gradient accumulation up to --slices-per-step)")
     lr: float = option(1e-2, "peak learning rate (the paper: 1e-2)")
     warmup_steps: int = option(10, "linear warmup steps, then constant (the paper: 10)")
-    decay_from: float = option(1.0, "share of the steps after which the lr falls linearly to 0 (1: never, the paper)")
     weight_decay: float = option(0.01, "AdamW weight decay (the paper: 0.01)")
     grad_clip: float = option(0.0, "clip the gradient norm to this (0: off, the paper)")
     gamma: float = option(0.9, "discount γ of the Bellman targets (the paper: 0.9)")
@@ -140,7 +139,7 @@ def check_config(cfg: TrainConfig):
         raise ValueError(f"--epochs must be positive when --steps is 0, got {cfg.epochs}")
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):
         raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
-    for name, lo, hi in (("alpha", 0, 1), ("gamma", 0, 1), ("canvas_from", 0, 0.999), ("decay_from", 0, 1)):
+    for name, lo, hi in (("alpha", 0, 1), ("gamma", 0, 1), ("canvas_from", 0, 0.999)):
         if not lo <= getattr(cfg, name) <= hi:
             raise ValueError(f"{flag(name)} must be in [{lo}, {hi}], got {getattr(cfg, name)}")
     if cfg.preset == "cpu" and cfg.dim % 32:
@@ -176,13 +175,9 @@ def check_config(cfg: TrainConfig):
 # The loss
 
 
-def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
-    """Linear warmup to cfg.lr over warmup_steps, then constant (the paper's schedule); with --decay-from < 1, linear
-    to 0 over the last steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    start = cfg.decay_from * total
-    return cfg.lr if step < start else cfg.lr * (total - step) / (total - start)
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then constant (the paper's schedule)."""
+    return cfg.lr * (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else cfg.lr
 
 
 @dataclass
@@ -259,7 +254,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     bar = tqdm(total=slices.total_steps, initial=step, disable=True if rank or not progress else None)
     with bar, checkpoint.stop_requests() as stop:
         while step < slices.total_steps and not stop.requested(world, device):
-            t0, lr = time.perf_counter(), learning_rate(cfg, step, slices.total_steps)
+            t0, lr = time.perf_counter(), learning_rate(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             mine = slices.of_step(cfg, step)[rank::world]
