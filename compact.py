@@ -26,7 +26,9 @@ FACTS = ("untried", "dead_end", "open")  # what a context shows about a move (pl
 COMPACT_SPECIALS = ([f"<|obs_{s}|>" for s in range(64)] + [f"<|act_{w}|>" for w in dqn.ACTION_WORDS]
                     + ["<|goal|>", "<|truncated|>"]
                     + [f"<|recap_{s}_{w}_{tag}|>" for s in range(64) for w in dqn.ACTION_WORDS for tag in RECAP_TAGS]
-                    + [f"<|fact_{w}_{f}|>" for w in dqn.ACTION_WORDS for f in FACTS])  # output rows, never input
+                    + [f"<|fact_{w}_{f}|>" for w in dqn.ACTION_WORDS for f in FACTS]  # output rows, never input
+                    + [f"<|row_{r}|>" for r in range(8)] + [f"<|col_{c}|>" for c in range(8)]
+                    + [f"<|tag_{tag}|>" for tag in RECAP_TAGS])  # embedding parts (ComposedEmbedding), never input
 
 
 def recap_steps(ep: dqn.Episode) -> list[tuple[int, int, str]]:
@@ -127,6 +129,35 @@ def to_canvas(ep: dqn.Episode, row_offset: int = 0, col_offset: int = 0) -> dqn.
     uses all 64 state tokens, so maps wider than the training ones (the ood set) only meet tokens it has learned."""
     states = [canvas_state(s, ep.ncol, row_offset, col_offset) for s in ep.observations]
     return dqn.Episode(states, ep.actions, ep.rewards, ep.truncated, CANVAS)
+
+
+def embedding_parts(ids: dict) -> tuple[list[int], list[int]]:
+    """(whole, part) id pairs: a tile's token is made of its row and column, a recap token of its tile's row and
+    column, the action and the tag."""
+    whole, part = [], []
+    for s in range(64):
+        row, col = ids[f"<|row_{s // CANVAS}|>"], ids[f"<|col_{s % CANVAS}|>"]
+        for i, parts in [(ids[f"<|obs_{s}|>"], (row, col))] + [
+                (ids[f"<|recap_{s}_{w}_{tag}|>"], (row, col, ids[f"<|act_{w}|>"], ids[f"<|tag_{tag}|>"]))
+                for w in dqn.ACTION_WORDS for tag in RECAP_TAGS]:
+            whole += [i] * len(parts)
+            part += parts
+    return whole, part
+
+
+class ComposedEmbedding(torch.nn.Embedding):
+    """The cpu model's token embedding: a compact token's vector is its own plus its parts' (embedding_parts), so a
+    tile never seen in training still shares its row's and column's vectors with tiles that were."""
+
+    def __init__(self, embedding: torch.nn.Embedding, ids: dict):
+        super().__init__(*embedding.weight.shape, _weight=embedding.weight.data)
+        whole, part = embedding_parts(ids)
+        self.register_buffer("whole", torch.tensor(whole), persistent=False)  # not in the saved weights
+        self.register_buffer("part", torch.tensor(part), persistent=False)
+
+    def forward(self, tokens):
+        table = self.weight.index_add(0, self.whole, self.weight[self.part])  # (V, dim): e(obs) = e + e(row) + e(col)
+        return F.embedding(tokens, table)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -48,6 +48,8 @@ def base_model_dir(cfg) -> Path:
 
 
 def small_model(cfg, vocab_size: int, specials: dict | None = None) -> llama.Transformer:
+    """The cpu preset's LLaMA, randomly initialised; with --compose and the compact vocabulary's specials its
+    embedding is compact.ComposedEmbedding (without specials: a plain table, e.g. for a benchmark)."""
     heads = cfg.dim // 32
     args = llama.ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=heads, n_kv_heads=max(1, heads // 2),
                            vocab_size=vocab_size, ffn_dim=3 * cfg.dim, rope_theta=500000.0, rope_scaling=None,
@@ -57,20 +59,15 @@ def small_model(cfg, vocab_size: int, specials: dict | None = None) -> llama.Tra
     for p in model.parameters():
         if p.dim() == 2:  # GPT-2 / nanoGPT init; norms stay at one
             torch.nn.init.normal_(p, std=0.02)
-    if specials is not None and all(s in specials for s in compact.COMPACT_SPECIALS):
-        compose_recap_embeddings(model.tok_embeddings.weight.data, specials)
+    return composed(model, cfg, specials) if specials else model
+
+
+def composed(model, cfg, specials):
+    """With --compose the model embeds the compact tokens from their parts (compact.ComposedEmbedding); its saved
+    weights are the raw table, so every load goes through here."""
+    if getattr(cfg, "compose", False):  # runs saved before the option: False
+        model.tok_embeddings = compact.ComposedEmbedding(model.tok_embeddings, specials)
     return model
-
-
-def compose_recap_embeddings(emb: torch.Tensor, specials: dict):
-    """Each recap token's embedding starts as e(obs_s) + e(act_a) + e(tag): "find my state's recap" is then one
-    bilinear form shared by all states, not 64 x 16 unrelated pairs to discover."""
-    tags = {tag: torch.randn(emb.shape[1]) * 0.02 for tag in compact.RECAP_TAGS}
-    for s in range(64):
-        for w in dqn.ACTION_WORDS:
-            for tag in compact.RECAP_TAGS:
-                state, action = emb[specials[f"<|obs_{s}|>"]], emb[specials[f"<|act_{w}|>"]]
-                emb[specials[f"<|recap_{s}_{w}_{tag}|>"]] = state + action + tags[tag]
 
 
 def base_model(cfg, device):
@@ -87,8 +84,10 @@ def build_policy(cfg, device, ckpt: Path | None = None):
             tokenizer = small_tokenizer(cfg.format)
             model = small_model(cfg, tokenizer.n_words, tokenizer.special_tokens)
         else:
-            tokenizer, model = llama_tokenizer.Tokenizer(ckpt / "model"), llama.load(ckpt / "model")
-        target = copy.deepcopy(model) if ckpt is None else llama.load(ckpt / "target")
+            tokenizer = llama_tokenizer.Tokenizer(ckpt / "model")
+            model = composed(llama.load(ckpt / "model"), cfg, tokenizer.special_tokens)
+        target = copy.deepcopy(model) if ckpt is None else composed(llama.load(ckpt / "target"), cfg,
+                                                                     tokenizer.special_tokens)
         return (model.to(device).train().requires_grad_(True), None,
                 target.to(device).eval().requires_grad_(False), None, tokenizer)
     base, tokenizer = base_model(cfg, device)  # frozen, shared by online and target
@@ -168,8 +167,8 @@ def load_policy(run_or_checkpoint_dir, device="cpu", online=False):
         raise FileNotFoundError(f"{ckpt} has no {played.name}/ (an exported policy holds only the target network): "
                                 f"drop --online-weights")
     if cfg.preset == "cpu":
-        model, adapter = llama.load(played, device=device), None
         tokenizer = llama_tokenizer.Tokenizer(played if (played / "tokenizer.model").is_file() else ckpt / "model")
+        model, adapter = composed(llama.load(played, device=device), cfg, tokenizer.special_tokens), None
     else:
         model, tokenizer = base_model(cfg, device)
         if manifest.get("base_model") and manifest["base_model"] != identity(cfg, model, tokenizer)["base_model"]:

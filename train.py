@@ -55,6 +55,8 @@ class TrainConfig:
                          choices=("paper", "compact"))
     recap: bool = option(False, "compact format: a hindsight recap token per (state, action) of a finished episode")
     canvas: bool = option(False, "compact format: states as tiles of an 8x8 canvas, sets at random offsets")
+    compose: bool = option(False, "compact format: a tile's embedding adds its row's and column's vectors, a recap "
+                           "token's also the action's and the tag's")
     canvas_from: float = option(0.6, "with --canvas: share of the steps with every set at the canvas origin first")
     steps: int = option(0, "optimizer steps (0: --epochs passes over the slices)")
     epochs: float = option(1.0, "passes over the data when --steps is 0 (the paper: 1)")
@@ -83,13 +85,14 @@ CPU = dict(
     steps=1000, sets_per_map=12,    # a shorter run: 1000 steps over 12 sets per map
     format="compact", recap=True,   # compact format: one token per step piece, a recap per finished episode
     canvas=True,                    # canvas states with a curriculum (--canvas-from)
+    compose=True,                   # embeddings composed of row, column, action and tag vectors
     aux_lm=30.0,                    # auxiliary next-token loss
     aux_facts=100.0,                # auxiliary facts target: what the context shows about each move
     quality="low",                  # failed episodes 5x more likely in a set
     alpha=0.01,                     # α 0.01: a slower target network
     eval_every=40, eval_slices=8, save_every=80)  # bookkeeping at this scale
 PRESETS = {"cpu": CPU, "smollm2": {}, "llama3.1-8b": {}}
-MODEL_FIELDS = ("preset", "format", "recap", "canvas", "model_dir", "dim", "n_layers")
+MODEL_FIELDS = ("preset", "format", "recap", "canvas", "compose", "model_dir", "dim", "n_layers")
 
 
 def make_config(preset="cpu", **overrides) -> TrainConfig:
@@ -154,9 +157,9 @@ def check_config(cfg: TrainConfig):
     if cfg.format == "compact" and cfg.preset != "cpu":
         raise ValueError(f"--format compact needs the cpu preset's own vocabulary; {cfg.preset} writes the paper's "
                          f"text with its base model's tokenizer: drop --format or use --preset cpu")
-    if (cfg.canvas or cfg.recap or cfg.aux_facts) and cfg.format != "compact":
-        raise ValueError("--canvas, --recap and --aux-facts are pieces of the compact format: add --no-canvas "
-                         "--no-recap --aux-facts 0 for --format paper")
+    if (cfg.canvas or cfg.recap or cfg.compose or cfg.aux_facts) and cfg.format != "compact":
+        raise ValueError("--canvas, --recap, --compose and --aux-facts are pieces of the compact format: add "
+                         "--no-canvas --no-recap --no-compose --aux-facts 0 for --format paper")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.slices_per_step % (cfg.micro_batch * world):
         raise ValueError(f"--slices-per-step {cfg.slices_per_step} must be a multiple of --micro-batch "

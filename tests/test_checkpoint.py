@@ -395,8 +395,8 @@ def test_resume_of_another_model_is_refused(tmp_path, straight):
     (["--canvas-from", "1"], r"--canvas-from must be in \[0, 0.999\], got 1.0"),
     (["--steps", "0", "--epochs", "0"], "--epochs must be positive when --steps is 0, got 0.0"),
     (["--slices-per-step", "6", "--micro-batch", "4"], "--slices-per-step 6 must be a multiple of --micro-batch 4"),
-    (["--format", "paper"], "--canvas, --recap and --aux-facts are pieces of the compact format: add --no-canvas "
-                            "--no-recap --aux-facts 0 for --format paper"),
+    (["--format", "paper"], "--canvas, --recap, --compose and --aux-facts are pieces of the compact format: add "
+                            "--no-canvas --no-recap --no-compose --aux-facts 0 for --format paper"),
     (["--model-dir", "x"], "--model-dir is for the IA3 presets"),
     (["--preset", "llama3.1-8b"], "preset llama3.1-8b needs --model-dir"),
     (["--preset", "smollm2", "--format", "compact"], "--format compact needs the cpu preset's own vocabulary"),

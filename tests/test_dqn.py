@@ -393,18 +393,30 @@ def test_compact_text_q_positions_and_recap(compact_fmt):
         fmt.observation(64)
 
 
-def test_compact_recap_embeddings_start_composed():
+def test_compact_embeddings_are_composed_from_parts(tmp_path):
+    """A tile's embedding is its own vector plus its row's and column's; a recap token's adds its tile's row and
+    column, the action and the tag; every other token is its own row. Saved weights are the raw table, and a loaded
+    policy embeds the same way."""
     import train
     tok = policy.small_tokenizer("compact")
     model = policy.small_model(train.make_config(dim=64, n_layers=1), tok.n_words, tok.special_tokens)
-    e = model.tok_embeddings.weight.detach()
-    sp = tok.special_tokens
-    tag = {t: e[sp[f"<|recap_3_left_{t}|>"]] - e[sp["<|obs_3|>"]] - e[sp["<|act_left|>"]] for t in compact.RECAP_TAGS}
-    for s, w in ((0, "up"), (63, "down")):
-        for t in compact.RECAP_TAGS:  # the same tag vector in every recap token of that tag
-            torch.testing.assert_close(e[sp[f"<|recap_{s}_{w}_{t}|>"]] - e[sp[f"<|obs_{s}|>"]] - e[sp[f"<|act_{w}|>"]],
-                                       tag[t])
-    assert not torch.allclose(tag["goal"], tag["hole"])
+    sp, raw = tok.special_tokens, model.tok_embeddings.weight.detach()
+    e = model.tok_embeddings(torch.arange(tok.n_words)).detach()                            # (V, dim)
+    r = lambda name: raw[sp[name]]  # noqa: E731
+    torch.testing.assert_close(e[sp["<|obs_13|>"]], r("<|obs_13|>") + r("<|row_1|>") + r("<|col_5|>"))
+    torch.testing.assert_close(e[sp["<|recap_63_left_hole|>"]], r("<|recap_63_left_hole|>") + r("<|row_7|>")
+                               + r("<|col_7|>") + r("<|act_left|>") + r("<|tag_hole|>"))
+    composed = {sp[f"<|obs_{s}|>"] for s in range(64)} | {i for n, i in sp.items() if n.startswith("<|recap_")}
+    plain = [i for i in range(tok.n_words) if i not in composed]
+    assert len(composed) == 64 + 1024 and torch.equal(e[plain], raw[plain])
+    # the parts are trained through every token that holds them
+    model.tok_embeddings(torch.tensor([sp["<|obs_13|>"], sp["<|obs_14|>"]])).sum().backward()
+    grad = model.tok_embeddings.weight.grad
+    assert grad[sp["<|row_1|>"]].eq(2).all() and grad[sp["<|col_5|>"]].eq(1).all() and grad[sp["<|row_0|>"]].eq(0).all()
+    assert list(model.state_dict())[0] == "tok_embeddings.weight" and "tok_embeddings.part" not in model.state_dict()
+    llama.save(model, tmp_path / "m"), tok.save(tmp_path / "m")
+    loaded = policy.composed(llama.load(tmp_path / "m"), train.make_config(), tok.special_tokens)
+    torch.testing.assert_close(loaded.tok_embeddings(torch.arange(tok.n_words)), e)
 
 
 def test_next_token_loss_skips_q_positions_and_padding(compact_fmt):

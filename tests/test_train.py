@@ -320,9 +320,10 @@ def test_aux_losses_read_the_same_q_values(tmp_path):
         torch.testing.assert_close(lm_aux["next_token_loss"], aux["next_token_loss"])
         torch.testing.assert_close(aux["facts_loss"], compact.facts_loss(logits, batch, fmt.ids))
     n_words = policy.small_tokenizer(cfg.format).n_words
-    # obs 0..63, 4 actions, goal, truncated, the recap's 64 x 4 x 4, and the facts target's 12 output rows
+    # obs 0..63, 4 actions, goal, truncated, the recap's 64 x 4 x 4, the facts target's 12 output rows and the
+    # embedding parts: 8 rows, 8 columns, 4 tags
     added = n_words - policy.small_tokenizer("paper").n_words
-    assert added == len(compact.COMPACT_SPECIALS) == 64 + 4 + 2 + 1024 + 12
+    assert added == len(compact.COMPACT_SPECIALS) == 64 + 4 + 2 + 1024 + 12 + 8 + 8 + 4
     # untrained: about uniform over the vocabulary, and over the 3 facts of each move
     assert aux["next_token_loss"].item() == pytest.approx(math.log(n_words), rel=0.05)
     assert aux["facts_loss"].item() == pytest.approx(math.log(3), rel=0.05)
@@ -351,8 +352,8 @@ def test_presets_and_cli(tmp_path, capsys):
     cpu = train.make_config("cpu")
     assert (cpu.dim, cpu.n_layers, cpu.context_len, cpu.slices_per_step, cpu.micro_batch, cpu.lr, cpu.grad_clip) == \
         (128, 4, 1024, 8, 4, 3e-3, 1.0)
-    assert (cpu.steps, cpu.sets_per_map, cpu.format, cpu.recap, cpu.canvas, cpu.aux_lm, cpu.aux_facts) == \
-        (1000, 12, "compact", True, True, 30.0, 100.0)
+    assert (cpu.steps, cpu.sets_per_map, cpu.format, cpu.recap, cpu.canvas, cpu.compose, cpu.aux_lm,
+            cpu.aux_facts) == (1000, 12, "compact", True, True, True, 30.0, 100.0)
     assert (cpu.quality, cpu.alpha, cpu.eval_every, cpu.eval_slices, cpu.save_every) == ("low", 0.01, 40, 8, 80)
     # TrainConfig() is the paper's recipe (§3.3-4), the IA3 presets': on an HF dir of a base with 4096 positions
     base = policy.small_model(train.make_config("cpu", dim=32, n_layers=1, context_len=4096), 300)
@@ -360,7 +361,8 @@ def test_presets_and_cli(tmp_path, capsys):
     paper, debug, progress = train.parse_args(["--preset", "llama3.1-8b", "--model-dir", str(tmp_path / "base"),
                                                "--lr", "0.02"])
     assert not debug and progress
-    assert (paper.format, paper.quality, paper.canvas, paper.recap) == ("paper", "mid", False, False)
+    assert (paper.format, paper.quality, paper.canvas, paper.recap, paper.compose) == ("paper", "mid", False, False,
+                                                                                        False)
     assert (paper.lr, paper.warmup_steps, paper.weight_decay, paper.slices_per_step, paper.context_len) == \
         (0.02, 10, 0.01, 10, 4096)
     assert (paper.gamma, paper.reward_scale, paper.alpha, paper.epochs, paper.steps) == (0.9, 30.0, 0.1, 1.0, 0)
@@ -369,8 +371,8 @@ def test_presets_and_cli(tmp_path, capsys):
     assert (paper.eval_every, paper.eval_slices, paper.save_every) == (50, 20, 100)
     assert train.make_config("smollm2") == dataclasses.replace(paper, preset="smollm2", model_dir=None, lr=1e-2)
     assert train.TrainConfig() == train.make_config("smollm2")
-    assert len(dataclasses.fields(train.TrainConfig)) == 34
-    for removed in (["--targets", "mc"], ["--n-heads", "4"], ["--lr-schedule", "cosine"], ["--keep-checkpoints", "3"],
+    assert len(dataclasses.fields(train.TrainConfig)) == 35
+    for removed in (["--decay-from", "0.8"], ["--targets", "mc"], ["--n-heads", "4"], ["--lr-schedule", "cosine"], ["--keep-checkpoints", "3"],
                     ["--bf16"], ["--progress"], ["--novelty-bonus", "1"], ["--set-order", "map"], ["--ema", "0.5"],
                     ["--online-every", "2"], ["--online-share", "0.25"], ["--facts-tokens"]):
         with pytest.raises(SystemExit) as e:
@@ -378,12 +380,13 @@ def test_presets_and_cli(tmp_path, capsys):
         assert e.value.code == 2
     # the compact format's pieces need the compact format
     capsys.readouterr()
-    for pieces in ([], ["--no-canvas", "--no-recap"], ["--no-canvas", "--aux-facts", "0"]):
+    paper_flags = ["--no-canvas", "--no-recap", "--no-compose", "--aux-facts", "0"]
+    for pieces in ([], paper_flags[:2], paper_flags[2:], paper_flags[:3]):
         with pytest.raises(SystemExit) as e:
             train.parse_args(["--format", "paper"] + pieces)
-        assert e.value.code == 2 and "add --no-canvas --no-recap --aux-facts 0 for --format paper" in \
+        assert e.value.code == 2 and f"add {' '.join(paper_flags)} for --format paper" in \
             " ".join(capsys.readouterr().err.split())
-    cfg, _, _ = train.parse_args(["--format", "paper", "--no-canvas", "--no-recap", "--aux-facts", "0"])
+    cfg, _, _ = train.parse_args(["--format", "paper"] + paper_flags)
     assert (cfg.preset, cfg.format, cfg.aux_lm) == ("cpu", "paper", 30.0)
     out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and "--alpha" in out.stdout and "--overwrite" in out.stdout
