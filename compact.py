@@ -5,7 +5,8 @@ format writes one token per observation, action and outcome (≈ 31 tokens per e
 finished episode a hindsight recap: one token per distinct (state, action), tagged goal / hole / wall / other
 (recap_steps), computed from that episode alone. Under causal attention a step cannot see how its own episode ended;
 the recap puts the outcome one lookup away. With `canvas` (to_canvas), tile (row, col) is state row·8 + col on every
-map, so larger maps meet trained tokens. Nothing computed across episodes enters the input.
+map, so larger maps meet trained tokens. With `--compose` the model embeds a tile from its row and column, a recap
+token also from its action and tag (ComposedEmbedding). Nothing computed across episodes enters the input.
 
 Two auxiliary training targets (never inputs) ask the model for the lookups its Q-values need: the next token
 (next_token_loss) and what the context shows about each move of the state (facts_loss).
@@ -131,18 +132,21 @@ def to_canvas(ep: dqn.Episode, row_offset: int = 0, col_offset: int = 0) -> dqn.
     return dqn.Episode(states, ep.actions, ep.rewards, ep.truncated, CANVAS)
 
 
-def embedding_parts(ids: dict) -> tuple[list[int], list[int]]:
-    """(whole, part) id pairs: a tile's token is made of its row and column, a recap token of its tile's row and
-    column, the action and the tag."""
-    whole, part = [], []
+EMBEDDING_PARTS = ([f"<|row_{r}|>" for r in range(CANVAS)] + [f"<|col_{c}|>" for c in range(CANVAS)]
+                   + [f"<|act_{w}|>" for w in dqn.ACTION_WORDS] + [f"<|tag_{tag}|>" for tag in RECAP_TAGS])
+
+
+def embedding_parts(ids: dict) -> dict[int, list[str]]:
+    """{composed token id: its parts}: a tile's token is made of its row and column, a recap token of its tile's row
+    and column, the action and the tag."""
+    parts = {}
     for s in range(64):
-        row, col = ids[f"<|row_{s // CANVAS}|>"], ids[f"<|col_{s % CANVAS}|>"]
-        for i, parts in [(ids[f"<|obs_{s}|>"], (row, col))] + [
-                (ids[f"<|recap_{s}_{w}_{tag}|>"], (row, col, ids[f"<|act_{w}|>"], ids[f"<|tag_{tag}|>"]))
-                for w in dqn.ACTION_WORDS for tag in RECAP_TAGS]:
-            whole += [i] * len(parts)
-            part += parts
-    return whole, part
+        tile = [f"<|row_{s // CANVAS}|>", f"<|col_{s % CANVAS}|>"]
+        parts[ids[f"<|obs_{s}|>"]] = tile
+        for w in dqn.ACTION_WORDS:
+            for tag in RECAP_TAGS:
+                parts[ids[f"<|recap_{s}_{w}_{tag}|>"]] = tile + [f"<|act_{w}|>", f"<|tag_{tag}|>"]
+    return parts
 
 
 class ComposedEmbedding(torch.nn.Embedding):
@@ -151,12 +155,16 @@ class ComposedEmbedding(torch.nn.Embedding):
 
     def __init__(self, embedding: torch.nn.Embedding, ids: dict):
         super().__init__(*embedding.weight.shape, _weight=embedding.weight.data)
-        whole, part = embedding_parts(ids)
-        self.register_buffer("whole", torch.tensor(whole), persistent=False)  # not in the saved weights
-        self.register_buffer("part", torch.tensor(part), persistent=False)
+        parts = embedding_parts(ids)
+        mix = torch.tensor([[float(p in parts[i]) for p in EMBEDDING_PARTS] for i in parts])  # (composed, parts)
+        # buffers, not saved: the saved weights are the raw table. A 0/1 matmul, not a scatter: deterministic.
+        self.register_buffer("composed", torch.tensor(list(parts)), persistent=False)
+        self.register_buffer("parts", torch.tensor([ids[p] for p in EMBEDDING_PARTS]), persistent=False)
+        self.register_buffer("mix", mix, persistent=False)
 
     def forward(self, tokens):
-        table = self.weight.index_add(0, self.whole, self.weight[self.part])  # (V, dim): e(obs) = e + e(row) + e(col)
+        added = self.mix @ self.weight[self.parts]                       # (composed, dim): e(row) + e(col), ...
+        table = self.weight.index_add(0, self.composed, added)          # (V, dim): e(obs) = e + e(row) + e(col)
         return F.embedding(tokens, table)
 
 

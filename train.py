@@ -160,6 +160,8 @@ def check_config(cfg: TrainConfig):
     if (cfg.canvas or cfg.recap or cfg.compose or cfg.aux_facts) and cfg.format != "compact":
         raise ValueError("--canvas, --recap, --compose and --aux-facts are pieces of the compact format: add "
                          "--no-canvas --no-recap --no-compose --aux-facts 0 for --format paper")
+    if cfg.compose and not cfg.canvas:
+        raise ValueError("--compose embeds a state by its canvas row and column: add --canvas, or --no-compose")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.slices_per_step % (cfg.micro_batch * world):
         raise ValueError(f"--slices-per-step {cfg.slices_per_step} must be a multiple of --micro-batch "

@@ -373,8 +373,8 @@ def test_resume_of_another_model_is_refused(tmp_path, straight):
     before = snapshot(run)
     with pytest.raises(ValueError, match=r"--resume: .*step_000004 is another model \(dim: 32 there, 64 now"):
         train.train(tiny(tmp_path, dim=64, resume=True))
-    with pytest.raises(ValueError, match=r"another model \(canvas: True there, False now"):
-        train.train(tiny(tmp_path, canvas=False, resume=True))
+    with pytest.raises(ValueError, match=r"another model \(canvas: True there, False now; compose: True there, False"):
+        train.train(tiny(tmp_path, canvas=False, compose=False, resume=True))
     with pytest.raises(ValueError, match=r"another model \(recap: True there, False now"):
         train.train(tiny(tmp_path, recap=False, resume=True))
     assert snapshot(run) == before
@@ -397,6 +397,7 @@ def test_resume_of_another_model_is_refused(tmp_path, straight):
     (["--slices-per-step", "6", "--micro-batch", "4"], "--slices-per-step 6 must be a multiple of --micro-batch 4"),
     (["--format", "paper"], "--canvas, --recap, --compose and --aux-facts are pieces of the compact format: add "
                             "--no-canvas --no-recap --no-compose --aux-facts 0 for --format paper"),
+    (["--no-canvas"], "--compose embeds a state by its canvas row and column: add --canvas, or --no-compose"),
     (["--model-dir", "x"], "--model-dir is for the IA3 presets"),
     (["--preset", "llama3.1-8b"], "preset llama3.1-8b needs --model-dir"),
     (["--preset", "smollm2", "--format", "compact"], "--format compact needs the cpu preset's own vocabulary"),

@@ -203,7 +203,8 @@ def test_default_loss_reads_the_target_network(tmp_path):
 
 def test_ia3_loss_reads_the_target_adapter(tmp_path):
     """The IA3 presets share one frozen base: the target is a second adapter on it, and the loss reads that."""
-    cfg = dataclasses.replace(tiny(tmp_path), format="paper", canvas=False, recap=False, aux_lm=0.0, aux_facts=0.0)
+    cfg = dataclasses.replace(tiny(tmp_path), format="paper", canvas=False, recap=False, compose=False,
+                              aux_lm=0.0, aux_facts=0.0)
     batch, ids, fmt = batch_of(cfg)
     base = policy.small_model(cfg, policy.small_tokenizer("paper").n_words).requires_grad_(False)
     adapter = ia3.IA3(base)
@@ -343,8 +344,8 @@ def test_learning_rate_warmup_then_constant():
 
 def test_presets_and_cli(tmp_path, capsys):
     assert train.parse_args([]) == (train.make_config("cpu"), False, True)
-    assert train.parse_args(["--debug", "--steps", "5", "--no-canvas", "--no-progress"]) == (
-        train.make_config("cpu", steps=5, canvas=False), True, False)
+    assert train.parse_args(["--debug", "--steps", "5", "--no-canvas", "--no-compose", "--no-progress"]) == (
+        train.make_config("cpu", steps=5, canvas=False, compose=False), True, False)
     with pytest.raises(ValueError, match="unknown preset 'gpt'"):
         train.make_config("gpt")
     assert set(train.PRESETS) == {"cpu", "smollm2", "llama3.1-8b"} and not hasattr(train, "PAPER")
