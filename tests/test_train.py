@@ -273,8 +273,8 @@ def test_the_loop_bootstraps_from_the_polyak_target(tmp_path, monkeypatch):
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    model, target = llama.load(ck[0] / "model"), llama.load(ck[0] / "target")
     fmt = policy.trajectory_format(cfg, policy.small_tokenizer(cfg.format))
+    model, target = (policy.composed(llama.load(ck[0] / name), cfg, fmt.ids) for name in ("model", "target"))
     ids = torch.tensor(fmt.action_ids)
 
     def logged_loss(batches, online, tgt, which=None):
@@ -468,6 +468,9 @@ def test_tiny_run_writes_checkpoints_metrics_png_and_loads(tmp_path, capsys):
     assert not any(p.requires_grad for p in played_online.parameters()) and not played_online.training
     import transformers
     hf = transformers.LlamaForCausalLM.from_pretrained(ckpt / "target").eval()
+    # the saved embedding is the raw table (resume is exact): loading composes it, for transformers too
+    assert hf.get_input_embeddings().weight.shape == model.tok_embeddings.weight.shape
+    hf.set_input_embeddings(compact.ComposedEmbedding(hf.get_input_embeddings(), fmt.ids))
     tokens, qp = dqn.tokenize_episode(dqn.Episode([0, 1, 2], [2, 2], [0.0, 1.0], ncol=3), fmt)
     tokens = torch.tensor([tokens])
     q = dqn.q_values(model, tokens, torch.tensor([qp]), fmt.action_ids)
