@@ -63,11 +63,15 @@ def small_model(cfg, vocab_size: int, specials: dict | None = None) -> llama.Tra
 
 
 def composed(model, cfg, specials):
-    """With --compose the model embeds the compact tokens from their parts (compact.ComposedEmbedding); its saved
-    weights are the raw table, so every load goes through here."""
+    """With --compose the model embeds the compact tokens from their parts (compact.ComposedEmbedding)."""
     if getattr(cfg, "compose", False):  # runs saved before the option: False
         model.tok_embeddings = compact.ComposedEmbedding(model.tok_embeddings, specials)
     return model
+
+
+def load_small_model(path: Path, cfg, specials: dict, device="cpu") -> llama.Transformer:
+    """A saved cpu-preset model: its saved embedding is the raw table, so every load composes it here."""
+    return composed(llama.load(path, device=device), cfg, specials)
 
 
 def base_model(cfg, device):
@@ -85,9 +89,9 @@ def build_policy(cfg, device, ckpt: Path | None = None):
             model = small_model(cfg, tokenizer.n_words, tokenizer.special_tokens)
         else:
             tokenizer = llama_tokenizer.Tokenizer(ckpt / "model")
-            model = composed(llama.load(ckpt / "model"), cfg, tokenizer.special_tokens)
-        target = copy.deepcopy(model) if ckpt is None else composed(llama.load(ckpt / "target"), cfg,
-                                                                     tokenizer.special_tokens)
+            model = load_small_model(ckpt / "model", cfg, tokenizer.special_tokens)
+        target = (copy.deepcopy(model) if ckpt is None else
+                  load_small_model(ckpt / "target", cfg, tokenizer.special_tokens))
         return (model.to(device).train().requires_grad_(True), None,
                 target.to(device).eval().requires_grad_(False), None, tokenizer)
     base, tokenizer = base_model(cfg, device)  # frozen, shared by online and target
@@ -168,7 +172,7 @@ def load_policy(run_or_checkpoint_dir, device="cpu", online=False):
                                 f"drop --online-weights")
     if cfg.preset == "cpu":
         tokenizer = llama_tokenizer.Tokenizer(played if (played / "tokenizer.model").is_file() else ckpt / "model")
-        model, adapter = composed(llama.load(played, device=device), cfg, tokenizer.special_tokens), None
+        model, adapter = load_small_model(played, cfg, tokenizer.special_tokens, device), None
     else:
         model, tokenizer = base_model(cfg, device)
         if manifest.get("base_model") and manifest["base_model"] != identity(cfg, model, tokenizer)["base_model"]:

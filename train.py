@@ -325,8 +325,8 @@ def prepare_run(cfg, run_dir: Path, rank: int, world: int) -> Path | None:
 
 
 def build_networks(cfg, device, resume_from) -> tuple[Networks, object, object, dict]:
-    """-> (θ and φ, the tokenizer, the trajectory format, the identity every checkpoint records). The cpu preset trains in fp32 on any
-    device; the IA3 presets keep a frozen bf16 base on CUDA, with autocast and gradient checkpointing."""
+    """-> (θ and φ, the tokenizer, the trajectory format, the identity every checkpoint records). The cpu preset
+    trains in fp32 on any device; the IA3 presets keep a frozen bf16 base on CUDA, with autocast and checkpointing."""
     model, adapter, target, target_adapter, tokenizer = policy.build_policy(cfg, device, resume_from)
     identity = policy.identity(cfg, model, tokenizer)  # IA3: the base model the adapters belong to
     if resume_from is not None:

@@ -682,8 +682,8 @@ SHIPPED = Path(__file__).resolve().parent.parent / "results" / "cpu-seed0"
 
 def test_the_shipped_model_plays_held_out_lakes(tmp_path):
     """results/cpu-seed0, the README's first command: every file as its manifest says, the cpu preset's model,
-    embedding and format, and a trained player: on the first 10 held-out lakes its greedy episodes 21-30 reach the goal far more
-    often than uniform random play (≈ 0.11 on these lakes) does. evaluate.py writes its pictures for it."""
+    embedding and format, and a trained player: on the first 10 held-out lakes its greedy episodes 21-30 reach the
+    goal far more often than uniform random play (≈ 0.11 on these lakes) does. evaluate.py writes its pictures."""
     model, adapter, _, fmt = policy.load_policy(SHIPPED)
     assert adapter is None and (model.args.dim, model.args.n_layers) == (128, 4) and fmt.canvas and fmt.recap
     assert isinstance(model.tok_embeddings, compact.ComposedEmbedding)  # played as trained: --compose

@@ -274,7 +274,7 @@ def test_the_loop_bootstraps_from_the_polyak_target(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     fmt = policy.trajectory_format(cfg, policy.small_tokenizer(cfg.format))
-    model, target = (policy.composed(llama.load(ck[0] / name), cfg, fmt.ids) for name in ("model", "target"))
+    model, target = (policy.load_small_model(ck[0] / name, cfg, fmt.ids) for name in ("model", "target"))
     ids = torch.tensor(fmt.action_ids)
 
     def logged_loss(batches, online, tgt, which=None):
@@ -373,8 +373,8 @@ def test_presets_and_cli(tmp_path, capsys):
     assert train.make_config("smollm2") == dataclasses.replace(paper, preset="smollm2", model_dir=None, lr=1e-2)
     assert train.TrainConfig() == train.make_config("smollm2")
     assert len(dataclasses.fields(train.TrainConfig)) == 35
-    for removed in (["--decay-from", "0.8"], ["--targets", "mc"], ["--n-heads", "4"], ["--lr-schedule", "cosine"], ["--keep-checkpoints", "3"],
-                    ["--bf16"], ["--progress"], ["--novelty-bonus", "1"], ["--set-order", "map"], ["--ema", "0.5"],
+    for removed in (["--decay-from", "0.8"], ["--targets", "mc"], ["--n-heads", "4"], ["--lr-schedule", "cosine"],
+                    ["--keep-checkpoints", "3"], ["--bf16"], ["--progress"], ["--novelty-bonus", "1"], ["--set-order", "map"], ["--ema", "0.5"],
                     ["--online-every", "2"], ["--online-share", "0.25"], ["--facts-tokens"]):
         with pytest.raises(SystemExit) as e:
             train.parse_args(removed)
