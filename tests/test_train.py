@@ -374,7 +374,8 @@ def test_presets_and_cli(tmp_path, capsys):
     assert train.TrainConfig() == train.make_config("smollm2")
     assert len(dataclasses.fields(train.TrainConfig)) == 35
     for removed in (["--decay-from", "0.8"], ["--targets", "mc"], ["--n-heads", "4"], ["--lr-schedule", "cosine"],
-                    ["--keep-checkpoints", "3"], ["--bf16"], ["--progress"], ["--novelty-bonus", "1"], ["--set-order", "map"], ["--ema", "0.5"],
+                    ["--keep-checkpoints", "3"], ["--bf16"], ["--progress"], ["--novelty-bonus", "1"],
+                    ["--set-order", "map"], ["--ema", "0.5"],
                     ["--online-every", "2"], ["--online-share", "0.25"], ["--facts-tokens"]):
         with pytest.raises(SystemExit) as e:
             train.parse_args(removed)
